@@ -1,0 +1,77 @@
+"""Every Redis key the notifier uses, named in one place.
+
+All keys start with `{prefix}`: the braces make the prefix a Redis Cluster hash tag,
+so every key of one deployment lives in one slot and a Lua script may touch any of
+them. Two deployments with different prefixes share a Redis without meeting.
+Nothing outside this module builds a key string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+
+# Request state is spread over this many small hashes instead of a key per request:
+# small hashes stay listpack-encoded, which costs a fraction of a key's overhead.
+STATE_BUCKETS = 4096
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key names of one deployment, all under the hash tag `{prefix}`."""
+
+    prefix: str
+
+    def _key(self, *parts: str | int) -> str:
+        return ":".join([f"{{{self.prefix}}}", *map(str, parts)])
+
+    @cached_property
+    def epoch(self) -> str:
+        """Identity of the current baseline; gone or changed means Redis lost its data."""
+        return self._key("epoch")
+
+    @cached_property
+    def lease(self) -> str:
+        """Token of the one replica allowed to poll and apply pages."""
+        return self._key("lease")
+
+    @cached_property
+    def last_cycle(self) -> str:
+        """When some replica last completed a poll cycle (readiness)."""
+        return self._key("last-cycle")
+
+    @cached_property
+    def outbox(self) -> str:
+        """Stream of events waiting for delivery, one consumer group per route."""
+        return self._key("outbox")
+
+    @cached_property
+    def retries(self) -> str:
+        """Sorted set of deliveries to try again, scored by when they are due."""
+        return self._key("retries")
+
+    @cached_property
+    def dead_letters(self) -> str:
+        """Stream of deliveries that gave up, for `notifier dlq`."""
+        return self._key("dead-letters")
+
+    def state(self, bucket: int) -> str:
+        """One bucket hash of request state (request id -> stored status)."""
+        if not 0 <= bucket < STATE_BUCKETS:
+            raise ValueError(f"state bucket {bucket} is outside 0..{STATE_BUCKETS - 1}")
+        return self._key("state", bucket)
+
+    def state_of(self, request_id: str) -> str:
+        """The bucket hash that holds this request's state."""
+        return self.state(zlib.crc32(request_id.encode()) % STATE_BUCKETS)
+
+    def heartbeat(self, consumer: str) -> str:
+        """Expiring proof that a delivery worker is alive; its pending work is safe."""
+        return self._key("heartbeat", consumer)
+
+    def slack_slot(self, url: str) -> str:
+        """Pacing slot of one Slack webhook URL, named by a digest so the URL never shows."""
+        digest = hashlib.sha256(url.encode()).hexdigest()[:32]
+        return self._key("slack-slot", digest)
