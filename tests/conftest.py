@@ -1,0 +1,137 @@
+"""Shared fixtures: every Redis test runs on fakeredis and on a real redis-server.
+
+The real server is started by the fixture itself on a free port (never 6379) with
+persistence off, once per session, and flushed before each test. It is skipped only
+when the `redis-server` binary is missing and `CI` is unset; in CI it must run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio
+
+pytest_plugins = ["pytester"]
+
+# Clients decode replies to str: the notifier stores text only (JSON, ids, statuses).
+RedisFactory = Callable[[], redis.asyncio.Redis]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see no NOTIFIER_* or CHAMELAION_API_KEY from the developer's shell."""
+    for name in list(os.environ):
+        if name.startswith("NOTIFIER_") or name == "CHAMELAION_API_KEY":
+            monkeypatch.delenv(name)
+
+
+class RedisServer:
+    """A redis-server process of the test session; tests may stop and restart it."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start on the same port as before (a restart keeps the URL) and wait for PING."""
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no"),
+                *("--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited on port {self.port}:\n{log}")
+            try:
+                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
+                    client.ping()
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
+
+    def stop(self) -> None:
+        """Stop the server and wait for it; its data is gone (no persistence)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed, and CI must run the real-Redis tests")
+        pytest.skip("redis-server is not installed (install it to run the real-Redis tests)")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def redis_factory(request: pytest.FixtureRequest) -> AsyncIterator[RedisFactory]:
+    """Makes clients of one empty Redis: fakeredis (with Lua) or the real server."""
+    if request.param == "fakeredis":
+        server = fakeredis.FakeServer()
+
+        def make() -> redis.asyncio.Redis:
+            return fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    else:
+        url = request.getfixturevalue("redis_server").url
+
+        def make() -> redis.asyncio.Redis:
+            return redis.asyncio.Redis.from_url(url, decode_responses=True)
+
+    clients: list[redis.asyncio.Redis] = []
+
+    def factory() -> redis.asyncio.Redis:
+        clients.append(make())
+        return clients[-1]
+
+    await factory().flushall()
+    yield factory
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def redis_client(redis_factory: RedisFactory) -> redis.asyncio.Redis:
+    """One client of an empty Redis, on both backends."""
+    return redis_factory()
