@@ -1,0 +1,162 @@
+"""The data that flows through the notifier: API requests, events, and send results.
+
+Data flows one way: the API yields `LipsyncRequest`s, the store turns status changes
+into `Event`s in the outbox, and a sink answers each send with a `SendResult`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
+
+# Fixed forever: changing it would change every webhook-id, and receivers that
+# de-duplicate on webhook-id would see old events as new.
+EVENT_NAMESPACE = uuid.UUID("9d8d0f70-7a4b-4c13-bc4b-7fd2470ff927")
+
+# Field names of an outbox stream entry. Short because the outbox holds one entry per
+# pending event; the store's Lua script writes the same names.
+FIELD_REQUEST = "r"
+FIELD_PREVIOUS_STATUS = "p"
+FIELD_DETECTED_MS = "t"
+
+
+def _as_utc(value: datetime) -> datetime:
+    # The API documents UTC; a timestamp without an offset is taken to be UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def format_timestamp(value: datetime) -> str:
+    """Format a datetime as ISO 8601 in UTC with a `Z` suffix, as the API writes them."""
+    return value.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
+
+
+UtcDateTime = Annotated[
+    datetime, AfterValidator(_as_utc), PlainSerializer(format_timestamp, return_type=str)
+]
+
+
+class LipsyncRequest(BaseModel):
+    """One item of `GET /v1/lipsync/requests`.
+
+    Unknown fields are ignored, unknown statuses are kept as they are, and absent
+    optional fields are `None`.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str = Field(min_length=1)
+    status: str = Field(min_length=1)
+    created_at: UtcDateTime
+    reference_id: str | None = None
+    started_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
+    output_url: str | None = None
+    error_message: str | None = None
+
+    def snapshot(self) -> str:
+        """Compact JSON of this request (absent fields left out), as stored in an event."""
+        return self.model_dump_json(exclude_none=True)
+
+
+class MalformedEvent(ValueError):
+    """An outbox entry that cannot be read back as an event; it can only be dead-lettered."""
+
+
+def event_id(request_id: str, status: str) -> str:
+    """The stable id of a (request, status) transition: UUIDv5 of `"{request_id}/{status}"`."""
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{request_id}/{status}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A request's entry into a `notify_on` status, as queued in the outbox.
+
+    The id and everything a body is rendered from are fixed when the event is
+    created, so every retry, replica and replay sends the same id and body.
+    """
+
+    request: LipsyncRequest
+    previous_status: str | None
+    detected_ms: int  # unix milliseconds, when the poller saw the transition
+
+    @property
+    def id(self) -> str:
+        """The `webhook-id` of this event."""
+        return event_id(self.request.id, self.request.status)
+
+    @property
+    def status(self) -> str:
+        """The status the request entered."""
+        return self.request.status
+
+    @property
+    def type(self) -> str:
+        """The event type of the webhook body, e.g. `lipsync.request.completed`."""
+        return f"lipsync.request.{self.status}"
+
+    @property
+    def detected_at(self) -> datetime:
+        """When the transition was detected."""
+        return datetime.fromtimestamp(self.detected_ms / 1000, tz=UTC)
+
+    def to_fields(self) -> dict[str, str]:
+        """The outbox stream entry for this event."""
+        return {
+            FIELD_REQUEST: self.request.snapshot(),
+            FIELD_PREVIOUS_STATUS: self.previous_status or "",
+            FIELD_DETECTED_MS: str(self.detected_ms),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> Event:
+        """Read an outbox stream entry back; raise `MalformedEvent` if it is not one."""
+        try:
+            request = LipsyncRequest.model_validate_json(fields[FIELD_REQUEST])
+            detected_ms = int(fields[FIELD_DETECTED_MS])
+            previous = fields[FIELD_PREVIOUS_STATUS] or None
+        except (KeyError, ValueError, ValidationError) as exc:
+            raise MalformedEvent(f"outbox entry is not an event: {exc.__class__.__name__}") from exc
+        return cls(request=request, previous_status=previous, detected_ms=detected_ms)
+
+    def context(self) -> dict[str, Any]:
+        """The variables a template sees: `event` and `request`, JSON-ready values only."""
+        return {
+            "event": {
+                "id": self.id,
+                "type": self.type,
+                "status": self.status,
+                "previous_status": self.previous_status,
+                "detected_at": format_timestamp(self.detected_at.replace(microsecond=0)),
+            },
+            "request": self.request.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The receiver accepted the message (any 2xx)."""
+
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Worth trying again: no earlier than `after` seconds if the receiver said so."""
+
+    after: float | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Permanent:
+    """Trying again cannot help (3xx, most 4xx, a rejected payload): dead-letter it."""
+
+    reason: str
+
+
+SendResult = Delivered | Retry | Permanent
