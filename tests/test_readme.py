@@ -1,0 +1,68 @@
+"""The README stays true: its references match the models, its example loads, CI runs its tests."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+
+from notifier.config import Route, Settings, env_name, flag_name, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    """The README text under a heading, up to the next heading of the same or a higher level."""
+    heading = re.search(rf"^(#+) {re.escape(title)}$", README, re.M)
+    assert heading, f"README has no section {title!r}"
+    level = len(heading.group(1))
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(README, heading.end())
+    return README[heading.end() : end.start() if end else len(README)]
+
+
+def first_table(text: str) -> list[list[str]]:
+    """The rows of the first Markdown table in the text, header row included."""
+    lines = text[text.index("\n| ") + 1 :].splitlines()
+    table = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines)]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table
+        if not line.startswith("| ---")
+    ]
+
+
+@pytest.mark.parametrize("field", [name for name in Settings.model_fields if name != "routes"])
+def test_every_setting_is_in_the_configuration_reference(field: str) -> None:
+    rows = first_table(section("Configuration reference"))
+    row = next((row for row in rows if f"`{env_name(field)}`" in row[0]), None)
+    assert row is not None, f"{env_name(field)} is missing from the configuration reference"
+    assert row[1] == f"`{flag_name(field)}`"
+
+
+def test_the_reference_lists_no_setting_the_model_lacks() -> None:
+    rows = first_table(section("Configuration reference"))[1:]
+    documented = {re.match(r"`NOTIFIER_(\w+)`", row[0]).group(1).lower() for row in rows}
+    assert documented == set(Settings.model_fields) - {"routes"}
+
+
+def test_every_route_key_is_in_the_routes_reference() -> None:
+    rows = first_table(section("Routes"))[1:]
+    assert {row[0].strip("`") for row in rows} == set(Route.model_fields)
+
+
+def test_the_example_config_loads(tmp_path: Path) -> None:
+    example = re.search(r"```toml\n(.*?)```", section("Routes"), re.S).group(1)
+    (tmp_path / "notifier.toml").write_text(example)
+    settings = load_settings({"config": str(tmp_path / "notifier.toml")})
+    assert [route.name for route in settings.routes] == ["dubbing-team", "pipeline"]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    block = re.search(r"```sh\n(.*?)```", section("Run the tests"), re.S).group(1)
+    command = block.strip().splitlines()[-1]
+    assert command.startswith("pytest")
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci_lines
