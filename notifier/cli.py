@@ -1,0 +1,189 @@
+"""The `notifier` command line: parse flags, load settings, run a command, map errors to exit codes.
+
+Every setting has a flag, accepted before or after the command name. Configuration
+and usage errors end with exit code 2 and one paragraph on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from notifier import __version__
+from notifier.config import ConfigError, Route, Settings, env_name, flag_name, load_settings
+
+# Exit codes of the contract: 0 done, 1 the poll cycle failed (API or Redis down),
+# 2 configuration or usage error or a rejected API key, 3 work left or dead-lettered.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+SAMPLE_STATUSES = ("completed", "failed")
+
+Handler = Callable[[argparse.Namespace, dict[str, Any]], int]
+
+
+class UsageError(Exception):
+    """The command line itself is wrong: an unknown flag, a missing argument."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of printing usage, so main() reports it once."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _not_yet(command: str) -> int:
+    print(
+        f"notifier {command}: not implemented yet in version {__version__}; nothing was done.",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
+def _require_redis(settings: Settings, command: str, why: str) -> None:
+    settings.require("redis_url", f"notifier {command} {why}")
+
+
+def _routes_to_test(settings: Settings, name: str | None) -> list[Route]:
+    if not settings.routes:
+        raise ConfigError(
+            f"no route is configured: set {env_name('slack_webhook_url')} or "
+            f"{env_name('webhook_url')}, or add [[routes]] to the TOML file."
+        )
+    if name is None:
+        return settings.routes
+    chosen = [route for route in settings.routes if route.name == name]
+    if not chosen:
+        known = ", ".join(route.name for route in settings.routes)
+        raise ConfigError(f"--route {name!r} names no configured route; the routes are: {known}.")
+    return chosen
+
+
+def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    load_settings(flags).require("api_key", "notifier run polls the Chamelaion API")
+    return _not_yet("run")
+
+
+def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    settings = load_settings(flags)
+    _require_redis(
+        settings,
+        "once",
+        "keeps what it has seen and sent in Redis; with the in-memory store every run "
+        "would be a silent baseline that never notifies",
+    )
+    settings.require("api_key", "notifier once polls the Chamelaion API")
+    return _not_yet("once")
+
+
+def _check(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    load_settings(flags).require("api_key", "notifier check calls the Chamelaion API once")
+    return _not_yet("check")
+
+
+def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    _routes_to_test(load_settings(flags), args.route)
+    return _not_yet("send-test")
+
+
+def _dlq_list(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    _require_redis(load_settings(flags), "dlq", "reads the dead letters kept in Redis")
+    return _not_yet("dlq list")
+
+
+def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    if bool(args.ids) == args.all:
+        raise UsageError("notifier dlq replay: give dead-letter IDs or --all, not both or neither")
+    _require_redis(load_settings(flags), "dlq", "re-queues the dead letters kept in Redis")
+    return _not_yet("dlq replay")
+
+
+def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    return _not_yet("demo")
+
+
+def _settings_flags() -> argparse.ArgumentParser:
+    """A parent parser with one flag per setting; absent flags stay absent (SUPPRESS)."""
+    parser = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = parser.add_argument_group("settings (flag > environment > TOML file > default)")
+    for name, field in Settings.model_fields.items():
+        if name == "routes":  # TOML only
+            continue
+        default = "" if field.default is None else f" (default: {_show_default(field.default)})"
+        help_text = f"{field.description}{default} [{env_name(name)}]".replace("%", "%%")
+        if field.annotation is bool:
+            group.add_argument(
+                flag_name(name), dest=name, nargs="?", const="true", metavar="BOOL", help=help_text
+            )
+        else:
+            metavar = "N" if field.annotation in (int, float) else "VALUE"
+            group.add_argument(flag_name(name), dest=name, metavar=metavar, help=help_text)
+    return parser
+
+
+def _show_default(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the whole command line, with every command and setting flag."""
+    settings = _settings_flags()
+    parser = _Parser(
+        prog="notifier",
+        description="Watch Chamelaion lip sync requests and notify Slack and webhooks.",
+        parents=[settings],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(group: Any, name: str, handler: Handler | None, summary: str, **kw: Any) -> Any:
+        sub = group.add_parser(
+            name, help=summary, description=summary, parents=kw.pop("parents", [settings]), **kw
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add(commands, "run", _run, "poll forever and deliver; stops cleanly on SIGTERM/SIGINT")
+    add(
+        commands,
+        "once",
+        _once,
+        "one poll cycle, then one delivery pass; exit 0 all sent, 3 work left or "
+        "dead-lettered, 1 cycle failed, 2 configuration error",
+    )
+    add(
+        commands, "check", _check, "validate settings, routes and templates; ping Redis and the API"
+    )
+    send = add(commands, "send-test", _send_test, "deliver a sample notification now")
+    send.add_argument("--route", metavar="NAME", help="only this route (default: every route)")
+    send.add_argument("--status", choices=SAMPLE_STATUSES, default="completed")
+    dlq = add(commands, "dlq", None, "list and replay dead letters")
+    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(actions, "list", _dlq_list, "print one JSON object per dead letter")
+    replay = add(actions, "replay", _dlq_replay, "re-queue dead letters with attempts reset")
+    replay.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids from dlq list")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    add(
+        commands,
+        "demo",
+        _demo,
+        "a tour of the whole flow: simulated API, in-memory store, console output",
+        parents=[],
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+        return args.handler(args, flags)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+    except ConfigError as exc:
+        print(f"notifier: {exc}", file=sys.stderr)
+    return EXIT_USAGE
