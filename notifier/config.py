@@ -127,7 +127,7 @@ Seconds = Annotated[float, Field(allow_inf_nan=False)]
 Statuses = Annotated[
     list[str], NoDecode, BeforeValidator(_split_list), AfterValidator(_known_statuses)
 ]
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
+HttpUrlStr = Annotated[str, AfterValidator(_http_url)]
 SecretHttpUrl = Annotated[SecretStr, AfterValidator(_secret_http_url)]
 WebhookSecret = Annotated[SecretStr, AfterValidator(_webhook_secret)]
 
@@ -214,7 +214,7 @@ class Settings(BaseSettings):
     slack_webhook_url: SecretHttpUrl | None = Field(
         None, description="adds a route named slack with the default Slack template"
     )
-    webhook_url: HttpUrl | None = Field(
+    webhook_url: HttpUrlStr | None = Field(
         None, description="adds a route named webhook with the default webhook template"
     )
     webhook_secret: WebhookSecret | None = Field(
@@ -233,6 +233,7 @@ class Settings(BaseSettings):
         8080, ge=0, le=65535, description="port of /healthz, /readyz and /metrics; 0 turns it off"
     )
     log_format: Literal["text", "json"] = Field("text", description="text or json")
+    # Read from [[routes]]; after validation it holds every route, the shortcuts included.
     routes: list[Route] = Field(
         default_factory=list, description="[[routes]] tables of the TOML file"
     )
@@ -258,7 +259,7 @@ class Settings(BaseSettings):
         )
 
     @model_validator(mode="after")
-    def _resolve_routes(self) -> Settings:
+    def _check_across_settings(self) -> Settings:
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError(
                 f"{env_name('retry_max_delay')} ({self.retry_max_delay:g}) must be at least "

@@ -10,7 +10,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from notifier.config import bundled_templates_dir
 from notifier.models import Event, LipsyncRequest
 
-DETECTED_MS = 1_774_868_470_250  # 2026-03-30T11:01:10.250Z
+from samples import COMPLETED, DETECTED_MS
 
 
 def render(template: str, event: Event) -> str:
@@ -21,32 +21,12 @@ def render(template: str, event: Event) -> str:
 
 
 def test_the_default_webhook_body_is_the_contract_body() -> None:
-    request = LipsyncRequest.model_validate(
-        {
-            "id": "6f82a2d8-a6d4-4e8a-a0fa-e8b09823a2d8",
-            "reference_id": "batch-2026-04",
-            "status": "completed",
-            "created_at": "2026-03-30T11:00:00Z",
-            "started_at": "2026-03-30T11:00:04Z",
-            "finished_at": "2026-03-30T11:01:09Z",
-            "output_url": "https://storage.chamelaion.com/output/6f82a2d8.mp4",
-        }
-    )
+    request = LipsyncRequest.model_validate(COMPLETED)
     body = json.loads(render("webhook/default.json.j2", Event(request, "processing", DETECTED_MS)))
     assert body == {
         "type": "lipsync.request.completed",
         "timestamp": "2026-03-30T11:01:10Z",
-        "data": {
-            "id": "6f82a2d8-a6d4-4e8a-a0fa-e8b09823a2d8",
-            "status": "completed",
-            "previous_status": "processing",
-            "reference_id": "batch-2026-04",
-            "created_at": "2026-03-30T11:00:00Z",
-            "started_at": "2026-03-30T11:00:04Z",
-            "finished_at": "2026-03-30T11:01:09Z",
-            "output_url": "https://storage.chamelaion.com/output/6f82a2d8.mp4",
-            "error_message": None,
-        },
+        "data": {**COMPLETED, "previous_status": "processing", "error_message": None},
     }
 
 
