@@ -86,3 +86,11 @@ def test_an_installed_wheel_finds_its_templates_and_runs(wheel: Path, tmp_path: 
         "usage: notifier"
         in run(str(target / "bin" / "notifier"), "--help", env=env, cwd=tmp_path).stdout
     )
+
+
+def test_a_source_checkout_finds_the_top_level_templates(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    probe = "import notifier.config as c; print(c.__file__); print(c.bundled_templates_dir())"
+    module_file, templates = run(sys.executable, "-c", probe, env=env, cwd=tmp_path).stdout.split()
+    assert Path(module_file).parent == ROOT / "notifier"
+    assert Path(templates) == ROOT / "templates"
