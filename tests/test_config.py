@@ -196,6 +196,18 @@ def test_unknown_route_key_is_rejected(toml) -> None:
     assert "did you mean 'url'?" in message
 
 
+def test_a_misspelled_secret_key_is_named_without_its_value(toml) -> None:
+    toml(
+        'api_kye = "sk-live-LEAK-misspelled"\n'
+        f'[[routes]]\nname = "ops"\ntype = "webhook"\nurl = "http://h.test"\nsecrte = "{SECRET}"\n'
+    )
+    message = config_error()
+    assert "unknown key 'api_kye'" in message
+    assert "unknown key 'secrte'" in message
+    assert "LEAK" not in message
+    assert SECRET not in message
+
+
 def test_a_config_file_cannot_name_another(toml) -> None:
     toml('config = "other.toml"\n')
     assert "cannot name another" in config_error()
