@@ -20,6 +20,10 @@ import pytest
 import redis
 import redis.asyncio
 
+from notifier.simulator import Simulator
+
+from samples import SIMULATOR_KEY
+
 pytest_plugins = ["pytester"]
 
 # Clients decode replies to str: the notifier stores text only (JSON, ids, statuses).
@@ -135,3 +139,16 @@ async def redis_factory(request: pytest.FixtureRequest) -> AsyncIterator[RedisFa
 def redis_client(redis_factory: RedisFactory) -> redis.asyncio.Redis:
     """One client of an empty Redis, on both backends."""
     return redis_factory()
+
+
+@pytest.fixture
+def simulator() -> Simulator:
+    """An empty simulated account (seeded: the same ids every run); shape it in the test."""
+    return Simulator(api_key=SIMULATOR_KEY, seed=20261124)
+
+
+@pytest.fixture
+async def api_url(simulator: Simulator) -> AsyncIterator[str]:
+    """The base URL (API_URL) of the simulator, served in-process on a free port."""
+    async with simulator.serve() as url:
+        yield url

@@ -17,3 +17,5 @@ QUEUED = {
 }
 # When a sample transition was detected: 2026-03-30T11:01:10.250Z, in unix milliseconds.
 DETECTED_MS = 1_774_868_470_250
+# The key the test simulator accepts: distinctive, so tests can assert it never leaks.
+SIMULATOR_KEY = "sk-ZZLEAK-simulator-key-4f1c"
