@@ -202,6 +202,10 @@ class Settings(BaseSettings):
     )
     poll_interval: Seconds = Field(15, ge=0.1, description="seconds between poll cycles")
     page_size: int = Field(100, ge=1, description="limit per list call")
+    list_concurrency: int = Field(
+        4, ge=1, le=64, description="list calls in flight at once after the first page"
+    )
+    api_timeout: Seconds = Field(30, gt=0, description="seconds per API call, connecting included")
     reference_id: str | None = Field(
         None, min_length=1, description="watch only requests with this reference_id"
     )
@@ -316,10 +320,10 @@ class Settings(BaseSettings):
             )
         return route
 
-    def require(self, field: str, why: str) -> None:
-        """Raise `ConfigError` naming the setting if a command needs it and it is unset."""
-        if getattr(self, field) is not None:
-            return
+    def require(self, field: str, why: str) -> Any:
+        """The value of a setting a command needs; `ConfigError` naming it if it is unset."""
+        if (value := getattr(self, field)) is not None:
+            return value
         alias = f" (or {API_KEY_ALIAS})" if field == "api_key" else ""
         raise ConfigError(
             f"{env_name(field)} is not set: {why}. Set {env_name(field)}{alias} in the "

@@ -1,0 +1,408 @@
+"""The API client lists every request exactly once and turns every failure into a typed error.
+
+Everything here talks HTTP to the simulator (or to a server with a canned answer) on
+127.0.0.1; the key must never show up in a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import traceback
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pydantic import SecretStr
+
+from notifier import USER_AGENT
+from notifier.api import (
+    MAX_REFETCH_ROUNDS,
+    ApiClient,
+    ApiError,
+    AuthError,
+    ListingNotSettled,
+    RateLimited,
+    TransientApiError,
+    UnexpectedResponse,
+)
+from notifier.config import ConfigError, load_settings
+from notifier.simulator import Fault, FaultKind, Order, Simulator
+
+from samples import SIMULATOR_KEY
+
+
+@pytest.fixture(autouse=True)
+def _key_never_logged(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
+    """Every test of this module also checks that no log line, at any level, holds the key."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    assert SIMULATOR_KEY not in caplog.text
+
+
+def assert_key_absent(error: BaseException) -> None:
+    """The key is in neither the message, the repr nor the printed traceback of an error."""
+    printed = "".join(traceback.format_exception(error))
+    for text in (str(error), repr(error), printed):
+        assert SIMULATOR_KEY not in text
+
+
+def client(api_url: str, key: str = SIMULATOR_KEY, **options: Any) -> ApiClient:
+    return ApiClient(api_url, SecretStr(key), **options)
+
+
+async def list_ids(api: ApiClient) -> Counter[str]:
+    """Every id the listing yields, counted: a correct listing counts each one once."""
+    ids: Counter[str] = Counter()
+    async for page in api.listing():
+        ids.update(request.id for request in page.requests)
+    return ids
+
+
+async def raised(api_url: str, **options: Any) -> ApiError:
+    """The error a listing raises, checked to be free of the key."""
+    async with client(api_url, **options) as api:
+        with pytest.raises(ApiError) as caught:
+            await list_ids(api)
+    assert_key_absent(caught.value)
+    return caught.value
+
+
+# Listing.
+
+
+async def test_the_key_and_the_user_agent_are_sent(simulator: Simulator, api_url: str) -> None:
+    simulator.create(3)
+    async with client(api_url) as api:
+        assert len(await list_ids(api)) == 3
+    assert simulator.last_headers["x-api-key"] == SIMULATOR_KEY
+    assert simulator.last_headers["User-Agent"] == USER_AGENT
+
+
+async def test_an_empty_account_is_one_call_and_no_pages(
+    simulator: Simulator, api_url: str
+) -> None:
+    async with client(api_url) as api:
+        assert await list_ids(api) == Counter()
+    assert simulator.calls == 1
+
+
+async def test_offsets_follow_the_items_returned_when_the_server_caps_the_limit(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(1000)
+    simulator.max_limit = 37
+    async with client(api_url, page_size=100) as api:
+        ids = await list_ids(api)
+    assert set(ids) == set(simulator.requests)
+    assert max(ids.values()) == 1
+    assert simulator.calls == math.ceil(1000 / 37)
+
+
+async def test_the_reference_id_filter_is_passed_to_the_api(
+    simulator: Simulator, api_url: str
+) -> None:
+    wanted = simulator.create(3, reference_id="order-12345-japanese-dub")
+    simulator.create(5, reference_id="another-batch")
+    async with client(api_url, reference_id="order-12345-japanese-dub") as api:
+        assert set(await list_ids(api)) == {request.id for request in wanted}
+
+
+async def test_pages_after_the_first_are_fetched_concurrently_within_the_bound(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(200)
+    simulator.delay = 0.05
+    async with client(api_url, page_size=10, concurrency=3) as api:
+        assert len(await list_ids(api)) == 200
+    assert simulator.max_in_flight == 3
+
+
+async def test_pages_are_yielded_as_they_arrive(simulator: Simulator, api_url: str) -> None:
+    simulator.backfill(100)
+    simulator.delay = 0.02
+    calls_at_each_page = []
+    async with client(api_url, page_size=10, concurrency=2) as api:
+        async for _page in api.listing():
+            calls_at_each_page.append(simulator.calls)
+    assert calls_at_each_page[0] == 1  # page 1 alone gives the total
+    assert calls_at_each_page[1] < 10  # the second page came before the last was asked for
+
+
+@pytest.mark.parametrize("order", list(Order))
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_every_id_exactly_once_when_requests_are_created_mid_listing(
+    simulator: Simulator, api_url: str, order: Order, concurrency: int
+) -> None:
+    simulator.backfill(1000)
+    simulator.order, simulator.max_limit = order, 40
+
+    def create_some(call: int) -> None:
+        if call in (2, 5, 9, 17):
+            simulator.create(7)
+
+    simulator.hooks.append(create_some)
+    async with client(api_url, page_size=100, concurrency=concurrency) as api:
+        ids = await list_ids(api)
+    assert len(simulator.requests) == 1028
+    assert set(ids) == set(simulator.requests)
+    assert max(ids.values()) == 1
+
+
+async def test_equal_created_at_in_an_unstable_order_still_gives_every_id_once(
+    simulator: Simulator, api_url: str
+) -> None:
+    for second in range(12):  # a batch of 300, submitted 25 a second
+        simulator.create(25, created_at=datetime(2026, 3, 30, 11, 0, second, tzinfo=UTC))
+    simulator.order, simulator.max_limit = Order.UNSTABLE, 40
+    async with client(api_url) as api:
+        ids = await list_ids(api)
+    assert set(ids) == set(simulator.requests)
+    assert max(ids.values()) == 1
+
+
+async def test_a_listing_that_never_settles_raises_a_typed_error(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(100)
+    simulator.hooks.append(lambda _call: simulator.create(3))
+    error = await raised(api_url, page_size=10)
+    assert isinstance(error, ListingNotSettled)
+    assert isinstance(error, TransientApiError)  # the poller retries the cycle
+    assert "did not settle" in str(error)
+    # Bounded: at most one pass over the (growing) listing per round, not a loop.
+    assert simulator.calls <= (MAX_REFETCH_ROUNDS + 1) * math.ceil(len(simulator.requests) / 10)
+
+
+async def test_a_failure_mid_listing_raises_and_leaves_no_fetch_running(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(200)
+    simulator.delay = 0.02
+    simulator.hooks.append(
+        lambda call: simulator.inject(Fault(FaultKind.SERVER_ERROR)) if call == 3 else None
+    )
+    error = await raised(api_url, page_size=10)
+    assert isinstance(error, TransientApiError)
+    fetches = [t for t in asyncio.all_tasks() if "Listing._fetch" in repr(t.get_coro())]
+    assert fetches == []
+
+
+async def test_from_settings_uses_the_configured_values(api_url: str) -> None:
+    settings = load_settings(
+        {
+            "api_url": api_url,
+            "api_key": SIMULATOR_KEY,
+            "page_size": 7,
+            "list_concurrency": 2,
+            "api_timeout": 3,
+        }
+    )
+    api = ApiClient.from_settings(settings)
+    assert (api.url, api.page_size, api.concurrency, api.timeout) == (
+        api_url + "/v1/lipsync/requests",
+        7,
+        2,
+        3,
+    )
+    assert SIMULATOR_KEY not in repr(api)
+    assert SIMULATOR_KEY not in str(vars(api))
+
+
+def test_from_settings_without_a_key_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="NOTIFIER_API_KEY"):
+        ApiClient.from_settings(load_settings())
+
+
+# Malformed items.
+
+
+async def test_a_malformed_item_is_skipped_with_a_warning_and_the_rest_kept(
+    simulator: Simulator, api_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    simulator.create(5)
+    bad = simulator.page(0, 20)[0][2]["id"]
+    simulator.inject(Fault(FaultKind.MALFORMED_ITEM, index=2, field="created_at"))
+    async with client(api_url) as api:
+        ids = await list_ids(api)
+    assert set(ids) == set(simulator.requests) - {bad}
+    assert simulator.calls == 1  # the skipped item counts towards the total
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "item 2" in warning.getMessage()
+    assert "'created_at'" in warning.getMessage()
+    assert bad in warning.getMessage()
+
+
+async def test_an_item_without_a_usable_id_is_skipped_too(
+    simulator: Simulator, api_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    simulator.create(3)
+    simulator.inject(Fault(FaultKind.MALFORMED_ITEM, index=0, field="id", value=None))
+    async with client(api_url) as api:
+        assert len(await list_ids(api)) == 2
+    assert "field 'id'" in caplog.text
+
+
+# Errors from the simulator.
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "message"),
+    [
+        ("wrong-key", 401, "invalid token"),
+        ("", 401, "missing token"),
+        ("revoked", 403, "unauthorized"),
+    ],
+)
+async def test_a_rejected_key_is_an_auth_error_with_the_api_message(
+    simulator: Simulator, api_url: str, key: str, status: int, message: str
+) -> None:
+    simulator.revoked_keys.add("revoked")
+    error = await raised(api_url, key=key)
+    assert isinstance(error, AuthError)
+    assert (error.status, error.message) == (status, message)
+    assert message in str(error)
+
+
+async def test_rate_limiting_with_retry_after_in_seconds(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.inject(Fault(FaultKind.RATE_LIMIT, retry_after="7"))
+    error = await raised(api_url)
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == 7
+
+
+async def test_rate_limiting_with_retry_after_as_an_http_date(
+    simulator: Simulator, api_url: str
+) -> None:
+    when = datetime.now(UTC) + timedelta(seconds=120)
+    simulator.inject(Fault(FaultKind.RATE_LIMIT, retry_after=format_datetime(when, usegmt=True)))
+    error = await raised(api_url)
+    assert isinstance(error, RateLimited)
+    assert 110 < error.retry_after <= 120
+
+
+async def test_rate_limiting_without_retry_after(simulator: Simulator, api_url: str) -> None:
+    simulator.inject(Fault(FaultKind.RATE_LIMIT))
+    error = await raised(api_url)
+    assert isinstance(error, RateLimited)
+    assert error.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        (FaultKind.SERVER_ERROR, "HTTP 500: internal error"),
+        (FaultKind.INVALID_JSON, "is not JSON (application/json"),
+        (FaultKind.HTML, "is not JSON (text/html"),
+    ],
+)
+async def test_server_errors_and_unreadable_bodies_are_transient(
+    simulator: Simulator, api_url: str, kind: FaultKind, words: str
+) -> None:
+    simulator.create(3)
+    simulator.inject(Fault(kind))
+    error = await raised(api_url)
+    assert type(error) is TransientApiError
+    assert words in str(error)
+
+
+async def test_a_slow_answer_hits_the_timeout(simulator: Simulator, api_url: str) -> None:
+    simulator.inject(Fault(FaultKind.LATENCY, delay=2))
+    error = await raised(api_url, timeout=0.3)
+    assert type(error) is TransientApiError
+    assert "did not answer within 0.3 s" in str(error)
+
+
+async def test_an_unreachable_api_is_transient() -> None:
+    server = TestServer(web.Application(), host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("/api"))
+    await server.close()  # nothing listens on the port any more
+    error = await raised(url)
+    assert type(error) is TransientApiError
+    assert "could not reach" in str(error)
+
+
+# Errors from a server with a canned answer.
+
+
+@pytest.fixture
+async def canned() -> AsyncIterator[Callable[..., str]]:
+    """Serves one fixed answer to every request; call it with the answer, get the API URL."""
+    servers: list[TestServer] = []
+
+    async def start(status: int, body: str, **headers: str) -> str:
+        async def answer(_request: web.Request) -> web.Response:
+            return web.Response(status=status, text=body, headers=headers)
+
+        app = web.Application()
+        app.router.add_get("/api/v1/lipsync/requests", answer)
+        servers.append(TestServer(app, host="127.0.0.1"))
+        await servers[-1].start_server()
+        return str(servers[-1].make_url("/api"))
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "missing authorization header",
+        "invalid authorization format",
+        "missing token",
+        "invalid token",
+        "unauthorized",
+    ],
+)
+async def test_every_auth_message_of_the_reference_reaches_the_error(
+    canned: Callable[..., Any], message: str
+) -> None:
+    error = await raised(await canned(401, f'{{"error": "{message}"}}'))
+    assert isinstance(error, AuthError)
+    assert error.message == message
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"data": {}, "pagination": {"total": 0}}', "'data'"),
+        ('{"data": [], "pagination": {}}', "'pagination.total'"),
+        ('{"data": [], "pagination": {"total": -1}}', "'pagination.total'"),
+        ("[]", "Input should be a valid dictionary"),
+    ],
+)
+async def test_a_body_of_the_wrong_shape_is_transient_and_named(
+    canned: Callable[..., Any], body: str, field: str
+) -> None:
+    error = await raised(await canned(200, body, **{"Content-Type": "application/json"}))
+    assert type(error) is TransientApiError
+    assert "wrong shape" in str(error)
+    assert field in str(error)
+
+
+@pytest.mark.parametrize("status", [301, 302, 400, 404])
+async def test_redirects_and_other_client_errors_are_not_retried_or_followed(
+    canned: Callable[..., Any], status: int
+) -> None:
+    url = await canned(status, '{"error": "not found"}', Location="http://127.0.0.1:9/elsewhere")
+    error = await raised(url)
+    assert isinstance(error, UnexpectedResponse)
+    assert error.status == status
+    assert "NOTIFIER_API_URL" in str(error)
+
+
+async def test_a_gateway_error_page_is_quoted_trimmed(canned: Callable[..., Any]) -> None:
+    error = await raised(await canned(502, "<html>" + "bad gateway " * 100 + "</html>"))
+    assert type(error) is TransientApiError
+    assert "HTTP 502: <html>bad gateway" in str(error)
+    assert len(str(error)) < 400
