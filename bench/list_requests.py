@@ -126,14 +126,17 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait()
-    baseline = times["bare_sequential"]
+    sequential, concurrent = times["bare_sequential"], times["bare_concurrent"]
     pages = -(-args.requests // args.page_size)
     print(
         f"listing {args.requests:,} requests, {pages} pages of {args.page_size}, "
         f"best of {args.runs}, {os.cpu_count()} CPUs, simulator in its own process"
     )
     for name, elapsed in times.items():
-        print(f"  {name:<16} {elapsed * 1000:8.1f} ms   {elapsed / baseline:5.2f}x sequential")
+        print(
+            f"  {name:<16} {elapsed * 1000:8.1f} ms   {elapsed / sequential:5.2f}x sequential"
+            f"   {elapsed / concurrent:5.2f}x concurrent"
+        )
 
 
 if __name__ == "__main__":
