@@ -145,17 +145,25 @@ class Simulator:
         created_at: datetime | None = None,
     ) -> list[SimulatedRequest]:
         """Create `count` queued requests (now, unless `created_at` is given)."""
-        made = [
-            SimulatedRequest(
-                id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
-                created_at=created_at or self.clock(),
-                reference_id=reference_id,
+        return [
+            self.add(
+                SimulatedRequest(
+                    id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
+                    created_at=created_at or self.clock(),
+                    reference_id=reference_id,
+                )
             )
             for _ in range(count)
         ]
-        self.requests.update((request.id, request) for request in made)
+
+    def add(self, request: SimulatedRequest) -> SimulatedRequest:
+        """File a request made elsewhere, such as an example of the reference page.
+
+        A request's `created_at` is fixed once filed: the listing order is kept sorted.
+        """
+        self.requests[request.id] = request
         self._newest_first = None
-        return made
+        return request
 
     def start(self, request_id: str) -> SimulatedRequest:
         """Move a queued request to processing."""
@@ -299,6 +307,11 @@ class Simulator:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         if denied := self._authenticate(request.headers):
             return _error(*denied)
+        try:
+            offset = _int_param(request, "offset", 0, minimum=0)
+            limit = min(_int_param(request, "limit", DEFAULT_LIMIT, minimum=1), self.max_limit)
+        except ValueError as exc:
+            return _error(400, str(exc))
         fault = self.faults.popleft() if self.faults else None
         if fault and fault.kind is FaultKind.LATENCY:
             await asyncio.sleep(fault.delay)
@@ -309,12 +322,6 @@ class Simulator:
             return _error(500, "internal error")
         if fault and fault.kind is FaultKind.HTML:
             return web.Response(status=200, text=_HTML_PAGE, content_type="text/html")
-        try:
-            offset = _int_param(request, "offset", 0, minimum=0)
-            limit = _int_param(request, "limit", DEFAULT_LIMIT, minimum=1)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        limit = min(limit, self.max_limit)
         items, total = self.page(offset, limit, request.query.get("reference_id"))
         if fault and fault.kind is FaultKind.MALFORMED_ITEM and fault.index < len(items):
             items[fault.index][fault.field] = fault.value
@@ -339,7 +346,8 @@ class Simulator:
             return 401, "missing token"
         if key in self.revoked_keys:
             return 403, "unauthorized"
-        if not hmac.compare_digest(key.encode(), self.api_key.encode()):
+        # surrogateescape: a key that is not UTF-8 is simply a wrong key.
+        if not hmac.compare_digest(key.encode(errors="surrogateescape"), self.api_key.encode()):
             return 401, "invalid token"
         return None
 
@@ -355,16 +363,23 @@ def _int_param(request: web.Request, name: str, default: int, *, minimum: int) -
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"invalid {name}") from None
-    if value < minimum:
+    # Plain ASCII digits only: int() would also take "5_0", "+2" and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:
         raise ValueError(f"invalid {name}")
-    return value
+    return int(raw)
 
 
 # Standalone.
+
+
+def _at_least(minimum: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = type(minimum)(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return parse
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -374,12 +389,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any)")
-    parser.add_argument("--requests", type=int, default=50, help="requests already in the account")
+    parser.add_argument(
+        "--requests", type=_at_least(0), default=50, help="requests already in the account"
+    )
     parser.add_argument("--api-key", help="the key the simulator accepts (default: a random one)")
     parser.add_argument("--order", type=Order, choices=list(Order), default=Order.NEWEST_FIRST)
-    parser.add_argument("--max-limit", type=int, default=100, help="cap on the limit parameter")
     parser.add_argument(
-        "--tick", type=float, default=1.0, help="seconds between lifecycle steps (0 = frozen)"
+        "--max-limit", type=_at_least(1), default=100, help="cap on the limit parameter"
+    )
+    parser.add_argument(
+        "--tick", type=_at_least(0.0), default=1.0, help="seconds between steps (0 = frozen)"
     )
     parser.add_argument("--seed", type=int, help="random seed, for a reproducible account")
     return parser.parse_args(argv)
