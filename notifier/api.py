@@ -221,9 +221,14 @@ class Listing:
         self._covered_end = 0  # the largest offset + items returned of any page
 
     @property
+    def distinct(self) -> int:
+        """Distinct requests seen so far, skipped malformed ones included."""
+        return len(self.seen) + len(self.malformed - self.seen)
+
+    @property
     def complete(self) -> bool:
-        """Whether the distinct ids seen reach the largest total any page reported."""
-        return len(self.seen) + len(self.malformed - self.seen) >= self.total
+        """Whether the distinct requests seen reach the largest total any page reported."""
+        return self.distinct >= self.total
 
     def __aiter__(self) -> AsyncIterator[Page]:
         return self._pages()
@@ -247,7 +252,7 @@ class Listing:
             offsets = self._refetch_offsets(targeted=round_ % 2 == 0)
         raise ListingNotSettled(
             f"the listing did not settle after {MAX_REFETCH_ROUNDS} rounds of re-fetching: "
-            f"{len(self.seen)} distinct requests seen, but a page reported {self.total}; "
+            f"{self.distinct} distinct requests seen, but a page reported {self.total}; "
             "requests are changing faster than they can be listed"
         )
 
@@ -255,7 +260,7 @@ class Listing:
         step = self._step
         if not targeted:
             return deque(range(0, self.total, step))
-        missing = self.total - len(self.seen)
+        missing = self.total - self.distinct
         head = range(0, missing, step)
         tail = range(max(0, self._covered_end - missing), self.total, step)
         return deque(sorted({*head, *tail}))
