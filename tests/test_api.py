@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from notifier import USER_AGENT
@@ -153,6 +155,43 @@ async def test_every_id_exactly_once_when_requests_are_created_mid_listing(
     assert len(simulator.requests) == 1028
     assert set(ids) == set(simulator.requests)
     assert max(ids.values()) == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    existing=st.integers(0, 250),
+    cap=st.integers(1, 60),
+    page_size=st.integers(1, 120),
+    order=st.sampled_from(Order),
+    concurrency=st.integers(1, 5),
+    # {call number: requests created just before that call is answered}
+    creations=st.dictionaries(st.integers(2, 12), st.integers(1, 15), max_size=3),
+    seed=st.integers(0, 2**32),
+)
+def test_any_listing_yields_every_id_exactly_once(
+    *,
+    existing: int,
+    cap: int,
+    page_size: int,
+    order: Order,
+    concurrency: int,
+    creations: dict[int, int],
+    seed: int,
+) -> None:
+    simulator = Simulator(api_key=SIMULATOR_KEY, order=order, max_limit=cap, seed=seed)
+    simulator.backfill(existing)
+    simulator.hooks.append(lambda call: simulator.create(creations.get(call, 0)))
+
+    async def listing() -> Counter[str]:
+        async with (
+            simulator.serve() as url,
+            client(url, page_size=page_size, concurrency=concurrency) as api,
+        ):
+            return await list_ids(api)
+
+    ids = asyncio.run(listing())
+    assert set(ids) == set(simulator.requests)
+    assert max(ids.values(), default=1) == 1
 
 
 async def test_equal_created_at_in_an_unstable_order_still_gives_every_id_once(
