@@ -200,6 +200,9 @@ class ApiClient:
             raise TransientApiError(
                 f"could not reach the Chamelaion API: {type(exc).__name__}: {exc}"
             ) from None
+        if key := self._api_key.get_secret_value():
+            # Blank the key in case the API echoes it: error messages quote the body.
+            body = body.replace(key.encode(), b"[redacted]")
         return _read_answer(answer.status, answer.headers, body, offset)
 
 

@@ -412,6 +412,21 @@ async def test_every_auth_message_of_the_reference_reaches_the_error(
 
 
 @pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, f'{{"error": "bad key {SIMULATOR_KEY}"}}'),
+        (500, f'{{"error": "bad key {SIMULATOR_KEY}"}}'),
+        (200, f"<p>bad key {SIMULATOR_KEY}</p>"),
+    ],
+)
+async def test_a_key_the_api_echoes_is_blanked_in_the_error(
+    canned: Callable[..., Any], status: int, body: str
+) -> None:
+    error = await raised(await canned(status, body))
+    assert "bad key [redacted]" in str(error)
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         ('{"data": {}, "pagination": {"total": 0}}', "'data'"),
