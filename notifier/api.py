@@ -11,12 +11,11 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from notifier import USER_AGENT
@@ -309,9 +308,7 @@ def _exception_first(task: asyncio.Task[ListResponse]) -> bool:
     return task.exception() is None
 
 
-def _read_answer(
-    status: int, headers: CIMultiDictProxy[str], body: bytes, offset: int
-) -> ListResponse:
+def _read_answer(status: int, headers: Mapping[str, str], body: bytes, offset: int) -> ListResponse:
     if status in (401, 403):
         raise AuthError(status, _api_message(body))
     if status == 429:
