@@ -19,9 +19,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-from pydantic import SecretStr
 
 from notifier.api import LIST_PATH, ApiClient
+from notifier.config import load_settings
 
 KEY = "bench-key"
 CONCURRENCY = 4
@@ -66,9 +66,8 @@ async def bare_concurrent(base_url: str, page_size: int) -> int:
 async def client_listing(base_url: str, page_size: int) -> int:
     """The notifier's client: validated requests, de-duplicated, complete or an error."""
     seen = 0
-    async with ApiClient(
-        base_url, SecretStr(KEY), page_size=page_size, concurrency=CONCURRENCY
-    ) as api:
+    settings = {"api_url": base_url, "api_key": KEY, "page_size": page_size}
+    async with ApiClient(load_settings({**settings, "list_concurrency": CONCURRENCY})) as api:
         async for page in api.listing():
             seen += len(page.requests)
     return seen

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from notifier import USER_AGENT
 from notifier.backoff import parse_retry_after
-from notifier.config import Settings
+from notifier.config import Settings, env_name
 from notifier.models import LipsyncRequest
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ class UnexpectedResponse(ApiError):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(
-            f"the Chamelaion API answered HTTP {status} ({message}); check NOTIFIER_API_URL "
-            "and NOTIFIER_REFERENCE_ID (redirects are not followed)"
+            f"the Chamelaion API answered HTTP {status} ({message}); check "
+            f"{env_name('api_url')} and {env_name('reference_id')} (redirects are not followed)"
         )
         self.status = status
 
@@ -119,39 +119,20 @@ class Page:
 class ApiClient:
     """One keep-alive HTTP session to the API for the whole process.
 
-    Use as `async with ApiClient.from_settings(settings) as api:`; the key is sent as
-    `x-api-key` and is kept out of every log line, repr and error message.
+    Use as `async with ApiClient(settings) as api:`; the key is sent as `x-api-key` and
+    is kept out of every log line, repr and error message.
     """
 
-    def __init__(
-        self,
-        api_url: str,
-        api_key: SecretStr,
-        *,
-        page_size: int = 100,
-        concurrency: int = 4,
-        timeout: float = 30.0,
-        reference_id: str | None = None,
-    ) -> None:
-        self.url = api_url.rstrip("/") + LIST_PATH
-        self.page_size = page_size
-        self.concurrency = concurrency
-        self.timeout = timeout
-        self.reference_id = reference_id
+    def __init__(self, settings: Settings) -> None:
+        """A client for the configured account; `ConfigError` if no API key is set."""
+        api_key: SecretStr = settings.require("api_key", "the notifier calls the Chamelaion API")
+        self.url = settings.api_url + LIST_PATH  # api_url has no trailing slash
+        self.page_size = settings.page_size
+        self.concurrency = settings.list_concurrency
+        self.timeout = settings.api_timeout
+        self.reference_id = settings.reference_id
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ApiClient:
-        """A client for the configured account; `ConfigError` if no API key is set."""
-        return cls(
-            settings.api_url,
-            settings.require("api_key", "the notifier calls the Chamelaion API"),
-            page_size=settings.page_size,
-            concurrency=settings.list_concurrency,
-            timeout=settings.api_timeout,
-            reference_id=settings.reference_id,
-        )
 
     async def __aenter__(self) -> ApiClient:
         self._session = aiohttp.ClientSession(
@@ -192,7 +173,7 @@ class ApiClient:
         except TimeoutError:
             raise TransientApiError(
                 f"the Chamelaion API did not answer within {self.timeout:g} s "
-                f"(NOTIFIER_API_TIMEOUT) at offset {offset}"
+                f"({env_name('api_timeout')}) at offset {offset}"
             ) from None
         except aiohttp.ClientError as exc:
             # `from None`: aiohttp's exceptions hold the request, and so the key.
@@ -218,7 +199,6 @@ class Listing:
         self.seen: set[str] = set()
         self.malformed: set[str] = set()
         self.total = 0  # the largest total any page reported
-        self.calls = 0
         self._step = client.page_size  # items the server really returns per page
         self._covered_end = 0  # the largest offset + items returned of any page
 
@@ -241,7 +221,7 @@ class Listing:
             self._step = first.returned  # the server caps `limit`
         if page := self._accept(first):
             yield page
-        offsets = deque(range(first.returned or self._step, first.total, self._step))
+        offsets = deque(range(first.returned, first.total, self._step))
         for round_ in range(MAX_REFETCH_ROUNDS + 1):
             async for response in self._fetch_all(offsets):
                 if page := self._accept(response):
@@ -287,7 +267,6 @@ class Listing:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _fetch(self, offset: int) -> ListResponse:
-        self.calls += 1
         response = await self.client.fetch_page(offset, self.client.page_size)
         self.total = max(self.total, response.total)
         self._covered_end = max(self._covered_end, response.offset + response.returned)
@@ -326,15 +305,15 @@ def _read_answer(status: int, headers: Mapping[str, str], body: bytes, offset: i
 
 def _salvage(body: bytes, offset: int, content_type: str) -> ListResponse:
     """Keep the valid items of a page whose other items are malformed."""
+    where = f"the Chamelaion API's list response at offset {offset}"
     try:
-        shell = _LoosePage.model_validate(json.loads(body))
-    except ValueError as exc:  # ValidationError is a ValueError too
-        what = "is not JSON" if not isinstance(exc, ValidationError) else "has the wrong shape"
-        detail = _first_error(exc) if isinstance(exc, ValidationError) else _excerpt(body)
-        raise TransientApiError(
-            f"the Chamelaion API's list response at offset {offset} {what} "
-            f"({content_type}): {detail}"
-        ) from None
+        document = json.loads(body)
+    except ValueError:
+        raise TransientApiError(f"{where} is not JSON ({content_type}): {_excerpt(body)}") from None
+    try:
+        shell = _LoosePage.model_validate(document)
+    except ValidationError as exc:
+        raise TransientApiError(f"{where} has the wrong shape: {_first_error(exc)}") from None
     requests, malformed = [], []
     for index, item in enumerate(shell.data):
         try:

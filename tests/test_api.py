@@ -21,7 +21,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from notifier import USER_AGENT
 from notifier.api import (
@@ -55,8 +54,9 @@ def assert_key_absent(error: BaseException) -> None:
         assert SIMULATOR_KEY not in text
 
 
-def client(api_url: str, key: str = SIMULATOR_KEY, **options: Any) -> ApiClient:
-    return ApiClient(api_url, SecretStr(key), **options)
+def client(api_url: str, key: str = SIMULATOR_KEY, **settings: Any) -> ApiClient:
+    """A client configured as `notifier` would be, with these settings (by field name)."""
+    return ApiClient(load_settings({"api_url": api_url, "api_key": key, **settings}))
 
 
 async def list_ids(api: ApiClient) -> Counter[str]:
@@ -121,7 +121,7 @@ async def test_pages_after_the_first_are_fetched_concurrently_within_the_bound(
 ) -> None:
     simulator.backfill(200)
     simulator.delay = 0.05
-    async with client(api_url, page_size=10, concurrency=3) as api:
+    async with client(api_url, page_size=10, list_concurrency=3) as api:
         assert len(await list_ids(api)) == 200
     assert simulator.max_in_flight == 3
 
@@ -130,7 +130,7 @@ async def test_pages_are_yielded_as_they_arrive(simulator: Simulator, api_url: s
     simulator.backfill(100)
     simulator.delay = 0.02
     calls_at_each_page = []
-    async with client(api_url, page_size=10, concurrency=2) as api:
+    async with client(api_url, page_size=10, list_concurrency=2) as api:
         async for _page in api.listing():
             calls_at_each_page.append(simulator.calls)
     assert calls_at_each_page[0] == 1  # page 1 alone gives the total
@@ -150,7 +150,7 @@ async def test_every_id_exactly_once_when_requests_are_created_mid_listing(
             simulator.create(7)
 
     simulator.hooks.append(create_some)
-    async with client(api_url, page_size=100, concurrency=concurrency) as api:
+    async with client(api_url, page_size=100, list_concurrency=concurrency) as api:
         ids = await list_ids(api)
     assert len(simulator.requests) == 1028
     assert set(ids) == set(simulator.requests)
@@ -185,7 +185,7 @@ def test_any_listing_yields_every_id_exactly_once(
     async def listing() -> Counter[str]:
         async with (
             simulator.serve() as url,
-            client(url, page_size=page_size, concurrency=concurrency) as api,
+            client(url, page_size=page_size, list_concurrency=concurrency) as api,
         ):
             return await list_ids(api)
 
@@ -233,17 +233,8 @@ async def test_a_failure_mid_listing_raises_and_leaves_no_fetch_running(
     assert fetches == []
 
 
-async def test_from_settings_uses_the_configured_values(api_url: str) -> None:
-    settings = load_settings(
-        {
-            "api_url": api_url,
-            "api_key": SIMULATOR_KEY,
-            "page_size": 7,
-            "list_concurrency": 2,
-            "api_timeout": 3,
-        }
-    )
-    api = ApiClient.from_settings(settings)
+def test_the_client_takes_its_values_from_the_settings(api_url: str) -> None:
+    api = client(api_url + "/", page_size=7, list_concurrency=2, api_timeout=3)
     assert (api.url, api.page_size, api.concurrency, api.timeout) == (
         api_url + "/v1/lipsync/requests",
         7,
@@ -254,9 +245,9 @@ async def test_from_settings_uses_the_configured_values(api_url: str) -> None:
     assert SIMULATOR_KEY not in str(vars(api))
 
 
-def test_from_settings_without_a_key_names_the_setting() -> None:
+def test_a_client_without_a_key_names_the_setting() -> None:
     with pytest.raises(ConfigError, match="NOTIFIER_API_KEY"):
-        ApiClient.from_settings(load_settings())
+        ApiClient(load_settings())
 
 
 # Malformed items.
@@ -355,7 +346,7 @@ async def test_server_errors_and_unreadable_bodies_are_transient(
 
 async def test_a_slow_answer_hits_the_timeout(simulator: Simulator, api_url: str) -> None:
     simulator.inject(Fault(FaultKind.LATENCY, delay=2))
-    error = await raised(api_url, timeout=0.3)
+    error = await raised(api_url, api_timeout=0.3)
     assert type(error) is TransientApiError
     assert "did not answer within 0.3 s" in str(error)
 
@@ -442,6 +433,15 @@ async def test_a_body_of_the_wrong_shape_is_transient_and_named(
     assert type(error) is TransientApiError
     assert "wrong shape" in str(error)
     assert field in str(error)
+
+
+async def test_a_total_the_pages_never_deliver_ends_as_unsettled(
+    canned: Callable[..., Any],
+) -> None:
+    url = await canned(200, '{"data": [], "pagination": {"total": 3}}')
+    error = await raised(url)
+    assert isinstance(error, ListingNotSettled)
+    assert "0 distinct requests seen, but a page reported 3" in str(error)
 
 
 @pytest.mark.parametrize("status", [301, 302, 400, 404])
