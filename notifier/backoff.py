@@ -1,8 +1,9 @@
-"""How long to wait before trying again: the `Retry-After` header of the API and of receivers."""
+"""How long to wait before trying again: `Retry-After` of the API and of receivers, and jitter."""
 
 from __future__ import annotations
 
 import math
+import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -31,3 +32,11 @@ def _seconds_until(http_date: str, now: datetime) -> float | None:
     if moment.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses as naive
         moment = moment.replace(tzinfo=UTC)
     return max(0.0, (moment - now).total_seconds())
+
+
+def full_jitter(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds to wait before try `attempt + 1`: uniform in [0, min(cap, base × 2^attempt)].
+
+    Full jitter spreads the retries of many clients that failed together.
+    """
+    return rng.uniform(0, min(cap, base * 2 ** min(attempt, 64)))

@@ -215,6 +215,12 @@ class Settings(BaseSettings):
     notify_existing: bool = Field(
         False, description="on the first cycle, also notify requests already finished"
     )
+    retention_days: float = Field(
+        30,
+        gt=0,
+        allow_inf_nan=False,
+        description="days a finished request's state is kept; it is never notified again",
+    )
     slack_webhook_url: SecretHttpUrl | None = Field(
         None, description="adds a route named slack with the default Slack template"
     )

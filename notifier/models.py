@@ -24,6 +24,22 @@ FIELD_REQUEST = "r"
 FIELD_PREVIOUS_STATUS = "p"
 FIELD_DETECTED_MS = "t"
 
+# Request state is kept for every request of an account, so a known status is stored as
+# one letter; any other status is kept whole behind "~" (the API may add statuses).
+STATUS_CODES = {"queued": "q", "processing": "p", "completed": "c", "failed": "f"}
+_STATUS_NAMES = {code: status for status, code in STATUS_CODES.items()}
+UNKNOWN_STATUS_MARK = "~"
+
+
+def encode_status(status: str) -> str:
+    """The short form of a status, as the store and the outbox keep it."""
+    return STATUS_CODES.get(status) or UNKNOWN_STATUS_MARK + status
+
+
+def decode_status(code: str) -> str:
+    """The status of a short form written by `encode_status`."""
+    return _STATUS_NAMES.get(code) or code.removeprefix(UNKNOWN_STATUS_MARK)
+
 
 def _as_utc(value: datetime) -> datetime:
     # The API documents UTC; a timestamp without an offset is taken to be UTC.
@@ -108,7 +124,9 @@ class Event:
         """The outbox stream entry for this event."""
         return {
             FIELD_REQUEST: self.request.snapshot(),
-            FIELD_PREVIOUS_STATUS: self.previous_status or "",
+            FIELD_PREVIOUS_STATUS: encode_status(self.previous_status)
+            if self.previous_status
+            else "",
             FIELD_DETECTED_MS: str(self.detected_ms),
         }
 
@@ -118,7 +136,7 @@ class Event:
         try:
             request = LipsyncRequest.model_validate_json(fields[FIELD_REQUEST])
             detected_ms = int(fields[FIELD_DETECTED_MS])
-            previous = fields[FIELD_PREVIOUS_STATUS] or None
+            previous = decode_status(fields[FIELD_PREVIOUS_STATUS]) or None
         except (KeyError, ValueError, ValidationError) as exc:
             raise MalformedEvent(f"outbox entry is not an event: {exc.__class__.__name__}") from exc
         return cls(request=request, previous_status=previous, detected_ms=detected_ms)

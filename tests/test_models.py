@@ -20,6 +20,8 @@ from notifier.models import (
     Permanent,
     Retry,
     SendResult,
+    decode_status,
+    encode_status,
     event_id,
     format_timestamp,
 )
@@ -104,11 +106,28 @@ def test_an_event_exposes_its_id_status_type_and_detection_time() -> None:
     assert event.detected_at == datetime(2026, 3, 30, 11, 1, 10, 250000, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        ("queued", "q"),
+        ("processing", "p"),
+        ("completed", "c"),
+        ("failed", "f"),
+        ("cancelled", "~cancelled"),
+        ("q", "~q"),
+        ("~odd|status", "~~odd|status"),
+    ],
+)
+def test_known_statuses_are_stored_as_one_letter_and_others_whole(status: str, code: str) -> None:
+    assert encode_status(status) == code
+    assert decode_status(code) == status
+
+
 def test_an_event_is_stored_as_three_short_fields() -> None:
     fields = make_event().to_fields()
     assert fields == {
         "r": LipsyncRequest.model_validate(COMPLETED).snapshot(),
-        "p": "processing",
+        "p": "p",
         "t": str(DETECTED_MS),
     }
     assert make_event(previous=None).to_fields()["p"] == ""
