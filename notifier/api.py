@@ -219,11 +219,9 @@ class Listing:
         first = await self._fetch(0)
         if 0 < first.returned < min(first.total, self.client.page_size):
             self._step = first.returned  # the server caps `limit`
-        if page := self._accept(first):
-            yield page
         offsets = deque(range(first.returned, first.total, self._step))
         for round_ in range(MAX_REFETCH_ROUNDS + 1):
-            async for response in self._fetch_all(offsets):
+            async for response in self._fetch_all(offsets, first if round_ == 0 else None):
                 if page := self._accept(response):
                     yield page
             if self.complete:
@@ -247,13 +245,23 @@ class Listing:
         tail = range(max(0, self._covered_end - missing), self.total, step)
         return deque(sorted({*head, *tail}))
 
-    async def _fetch_all(self, offsets: deque[int]) -> AsyncIterator[ListResponse]:
-        """Fetch every offset, `concurrency` at a time, yielding responses as they arrive."""
+    async def _fetch_all(
+        self, offsets: deque[int], ready: ListResponse | None = None
+    ) -> AsyncIterator[ListResponse]:
+        """Fetch every offset, `concurrency` at a time, yielding responses as they arrive.
+
+        A `ready` response is yielded once the first fetches are under way, so the
+        consumer handles it while the next pages are in flight.
+        """
         running: set[asyncio.Task[ListResponse]] = set()
         try:
-            while offsets or running:
+            while offsets or running or ready:
                 while offsets and len(running) < self.client.concurrency:
                     running.add(asyncio.ensure_future(self._fetch(offsets.popleft())))
+                if ready is not None:
+                    yield ready
+                    ready = None
+                    continue
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=_exception_first):
                     response = task.result()
