@@ -21,6 +21,7 @@ import redis
 import redis.asyncio
 
 from notifier.simulator import Simulator
+from notifier.store import connect_redis
 
 from samples import SIMULATOR_KEY
 
@@ -121,7 +122,7 @@ async def redis_factory(request: pytest.FixtureRequest) -> AsyncIterator[RedisFa
         url = request.getfixturevalue("redis_server").url
 
         def make() -> redis.asyncio.Redis:
-            return redis.asyncio.Redis.from_url(url, decode_responses=True)
+            return connect_redis(url)
 
     clients: list[redis.asyncio.Redis] = []
 

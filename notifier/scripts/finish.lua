@@ -1,0 +1,13 @@
+-- Close a complete poll cycle: a baseline becomes live, and requests first seen later
+-- are notified unless created before the baseline's newest created_at minus the grace.
+-- KEYS: 1 epoch, 2 lease, 3 last-cycle
+-- ARGV: 1 lease token, 2 epoch id, 3 now unix ms, 4 grace ms
+local epoch, refused = guard(KEYS[2], ARGV[1], KEYS[1], ARGV[2], 'phase', 'newest', 'horizon')
+if refused then return refused end
+local was_baseline = epoch[2] == 'baseline'
+if was_baseline then
+  local horizon = math.max(tonumber(epoch[4]), tonumber(epoch[3]) - tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], 'phase', 'live', 'horizon', horizon)
+end
+redis.call('SET', KEYS[3], ARGV[3])
+return was_baseline and 1 or 0

@@ -1,0 +1,239 @@
+"""Request state in Redis, and the outbox events its changes produce.
+
+Each page of a listing is applied by one Lua call that diffs, stores and appends events
+together, so no crash can separate a state change from its event. Every write first
+checks that the caller holds the lease and the epoch its cycle began with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from notifier.config import Settings, env_name
+from notifier.keys import STATE_BUCKETS, Keys
+from notifier.models import LipsyncRequest, decode_status, encode_status
+
+log = logging.getLogger(__name__)
+
+# A request first seen finished after the baseline is notified unless it was created
+# this long before the newest request the baseline saw: such a request was not created
+# after the baseline, the listing had missed it.
+BASELINE_GRACE_MS = 5 * 60 * 1000
+# Statuses after which a request no longer changes; only these are ever pruned.
+FINISHED_STATUSES = frozenset({"completed", "failed"})
+# A Redis call that takes longer fails the cycle rather than stalling it.
+REDIS_TIMEOUT = 5.0
+
+
+class StoreRefused(Exception):
+    """The store refused a write that no longer applies; start the cycle again."""
+
+
+class LeaseLost(StoreRefused):
+    """Another poller holds the lease now; this one must stop writing."""
+
+
+class EpochChanged(StoreRefused):
+    """The epoch is gone or replaced (Redis lost its data): the cycle restarts as a baseline."""
+
+
+class GroupMissing(StoreRefused):
+    """A configured route has no consumer group, so an event for it would be lost."""
+
+
+_REFUSALS: dict[str, type[StoreRefused]] = {
+    "LEASE_LOST": LeaseLost,
+    "EPOCH_CHANGED": EpochChanged,
+    "NOGROUP": GroupMissing,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """The epoch a cycle began with; `baseline` while its first complete cycle is pending."""
+
+    id: str
+    baseline: bool
+    created: bool  # this call created it: the namespace was empty
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What applying one page did."""
+
+    changed: int  # requests first seen or with a new status
+    events: int  # events appended to the outbox
+    silenced: int  # first seen finished after the baseline, but older than it: not notified
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """The state kept for one request."""
+
+    status: str
+    accounted: frozenset[str]  # notify_on statuses already notified or recorded silently
+    finished_s: int | None
+
+
+def load_script(client: redis.asyncio.Redis, name: str, *, common: bool = False) -> AsyncScript:
+    """A Lua script of `notifier/scripts`, run by SHA and loaded again after NOSCRIPT.
+
+    With `common`, the helpers of `common.lua` (the lease and epoch guard) come first.
+    """
+    scripts = files("notifier").joinpath("scripts")
+    text = scripts.joinpath(f"{name}.lua").read_text()
+    if common:
+        text = scripts.joinpath("common.lua").read_text() + text
+    return client.register_script(text)
+
+
+def open_redis(settings: Settings) -> redis.asyncio.Redis:
+    """A client of the configured Redis, or of an in-process store when none is configured."""
+    if settings.redis_url is None:
+        import fakeredis  # noqa: PLC0415 - only the embedded store needs it
+
+        log.warning(
+            "%s is not set: using an in-memory store, so state is not kept across restarts "
+            "and every start begins with a silent baseline",
+            env_name("redis_url"),
+        )
+        return fakeredis.FakeAsyncRedis(decode_responses=True)
+    return connect_redis(settings.redis_url.get_secret_value())
+
+
+def connect_redis(url: str) -> redis.asyncio.Redis:
+    """A client of the Redis at `url`, with the timeouts and retry every caller needs.
+
+    After a Redis restart every pooled connection is dead; one immediate retry on a fresh
+    connection spares a failed cycle per stale connection. Retrying is safe because every
+    write is a script that applies a change at most once.
+    """
+    return redis.asyncio.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
+
+
+class Store:
+    """Request state of one namespace, read and written only through its Lua scripts."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.keys = Keys(settings.key_prefix)
+        self.routes = [route.name for route in settings.routes]
+        self._notify_on = "".join(encode_status(status) for status in settings.notify_on)
+        self._clock = clock
+        self._scripts = {
+            name: load_script(client, name, common=True)
+            for name in ("begin", "apply", "finish", "prune")
+        }
+
+    async def begin(self, token: str, notify_existing: bool) -> Epoch:
+        """The epoch for a new cycle, created with the routes' groups if missing."""
+        keys = [self.keys.epoch, self.keys.lease, self.keys.outbox]
+        args = [token, uuid.uuid4().hex, int(notify_existing), *self.routes]
+        epoch_id, phase, created = await self._run("begin", keys, args)
+        return Epoch(id=epoch_id, baseline=phase == "baseline", created=bool(created))
+
+    async def apply(self, requests: Sequence[LipsyncRequest], epoch: Epoch, token: str) -> Applied:
+        """Diff one page against the stored state and queue its events, in one atomic call."""
+        keys = [self.keys.epoch, self.keys.lease, self.keys.outbox]
+        args: list[Any] = [
+            token,
+            epoch.id,
+            self._notify_on,
+            round(self._clock() * 1000),
+            len(self.routes),
+            *self.routes,
+        ]
+        bucket_index: dict[str, int] = {}
+        for request in requests:
+            bucket = self.keys.state_of(request.id)
+            index = bucket_index.setdefault(bucket, len(keys) + 1)
+            if index == len(keys) + 1:
+                keys.append(bucket)
+            code = encode_status(request.status)
+            args += [
+                index,
+                request.id,
+                code,
+                _unix_ms(request.created_at.timestamp()),
+                _finished_s(request),
+                request.snapshot() if len(code) == 1 and code in self._notify_on else "",
+            ]
+        changed, events, silenced = await self._run("apply", keys, args)
+        return Applied(changed=changed, events=events, silenced=silenced)
+
+    async def finish(self, epoch: Epoch, token: str) -> bool:
+        """Mark the cycle complete (a baseline becomes live); True if it was the baseline."""
+        keys = [self.keys.epoch, self.keys.lease, self.keys.last_cycle]
+        args = [token, epoch.id, round(self._clock() * 1000), BASELINE_GRACE_MS]
+        return bool(await self._run("finish", keys, args))
+
+    async def prune(self, epoch: Epoch, token: str, buckets: range, retention_s: float) -> int:
+        """Forget requests of these buckets that finished more than `retention_s` ago."""
+        keys = [self.keys.epoch, self.keys.lease, *map(self.keys.state, buckets)]
+        cutoff = math.floor(self._clock() - retention_s)
+        return await self._run("prune", keys, [token, epoch.id, cutoff])
+
+    async def stored(self, request_id: str) -> StoredState | None:
+        """The state kept for one request, or None if it has none."""
+        value = await self.redis.hget(self.keys.state_of(request_id), request_id)
+        if value is None:
+            return None
+        accounted, finished, code = value.split("|", 2)
+        return StoredState(
+            status=decode_status(code),
+            accounted=frozenset(map(decode_status, accounted)),
+            finished_s=int(finished) if finished else None,
+        )
+
+    async def tracked(self) -> int:
+        """How many requests have stored state."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in range(STATE_BUCKETS):
+                pipe.hlen(self.keys.state(bucket))
+            return sum(await pipe.execute())
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except ResponseError as exc:
+            refusal = _REFUSALS.get(str(exc).split(" ", 1)[0])
+            if refusal is None:
+                raise
+            raise refusal(str(exc).split(" ", 1)[1]) from None
+
+
+def _unix_ms(seconds: float) -> int:
+    return math.floor(seconds * 1000)
+
+
+def _finished_s(request: LipsyncRequest) -> int | str:
+    """When a finished request finished, rounded up: its created_at is never later."""
+    if request.status not in FINISHED_STATUSES:
+        return ""
+    moments = [request.created_at, *filter(None, [request.finished_at])]
+    return math.ceil(max(moment.timestamp() for moment in moments))
