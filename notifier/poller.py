@@ -1,0 +1,217 @@
+"""Poll cycles: list the account, apply each page to the store, and keep at it.
+
+One replica polls at a time (the lease). A cycle counts only when its listing was
+complete, and each page is applied atomically, so a cycle that fails half-way leaves
+nothing a later cycle would not redo: every failure is handled by waiting and starting
+the cycle again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from notifier.api import ApiClient, AuthError, RateLimited, TransientApiError, UnexpectedResponse
+from notifier.backoff import full_jitter
+from notifier.config import Settings
+from notifier.keys import STATE_BUCKETS
+from notifier.lease import Lease, lease_ttl
+from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
+
+log = logging.getLogger(__name__)
+
+# (base, cap) in seconds of the full-jitter backoff after a failed cycle. A rejected key
+# or an unexpected answer needs a person, so retrying it often only adds noise.
+TRANSIENT_BACKOFF = (1.0, 60.0)
+AUTH_BACKOFF = (30.0, 270.0)  # on top of the base: 30 s to 5 min
+# A Retry-After longer than this is taken as a mistake of the API, not an instruction.
+MAX_RATE_LIMIT_WAIT = 600.0
+# Each cycle prunes this many state buckets: a full sweep every 64 cycles, little work each.
+PRUNE_BUCKETS_PER_CYCLE = 64
+SECONDS_PER_DAY = 86_400
+# Cycle failures a poller recovers from by waiting and polling again.
+RECOVERABLE = (TransientApiError, RateLimited, AuthError, UnexpectedResponse, StoreRefused)
+
+
+@dataclass(slots=True)
+class CycleResult:
+    """What one complete cycle saw and did."""
+
+    baseline: bool  # the cycle recorded the namespace's first complete listing
+    listed: int = 0  # distinct requests in the listing
+    changed: int = 0  # requests first seen or with a new status
+    events: int = 0  # events appended to the outbox
+    silenced: int = 0  # old requests first seen finished after the baseline, not notified
+    pruned: int = 0  # finished requests forgotten after the retention
+
+    def add(self, applied: Applied) -> None:
+        """Count one applied page."""
+        self.changed += applied.changed
+        self.events += applied.events
+        self.silenced += applied.silenced
+
+
+class Poller:
+    """Runs poll cycles for one namespace while this replica holds the lease."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.asyncio.Redis,
+        api: ApiClient,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.store = Store(client, settings, clock)
+        self.lease = Lease(client, self.store.keys, lease_ttl(settings.poll_interval))
+        self.rebaselines = 0  # times this process saw Redis lose its data
+        self.last_error: str | None = None  # why the last cycle failed; None after a success
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._epoch_id: str | None = None
+        self._prune_next = 0
+
+    async def cycle(self) -> CycleResult:
+        """One complete cycle under the lease; started again at once if the epoch changed."""
+        try:
+            return await self._cycle()
+        except EpochChanged:
+            return await self._cycle()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until `stop` is set: hold the lease or stand by, and back off on failure."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                held = await self.lease.acquire()
+            except (RedisError, OSError) as exc:
+                await _wait(stop, self._failed(exc, failures))
+                failures += 1
+                continue
+            failures = 0
+            if not held:
+                await _wait(stop, await self._standby_wait())
+                continue
+            renewer = asyncio.create_task(self.lease.keep_renewed())
+            try:
+                await self._poll_while_held(stop)
+            finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+                with contextlib.suppress(RedisError, OSError):
+                    await self.lease.release()
+
+    async def _cycle(self) -> CycleResult:
+        token = self.lease.token
+        # After this process saw Redis lose its data, NOTIFY_EXISTING must not notify
+        # the whole account again: it applies to the namespace's very first baseline only.
+        existing = self.settings.notify_existing and self._epoch_id is None
+        epoch = await self.store.begin(token, notify_existing=existing)
+        self._note_epoch(epoch)
+        result = CycleResult(baseline=epoch.baseline)
+        listing = self.api.listing()
+        async with contextlib.aclosing(aiter(listing)) as pages:
+            async for page in pages:
+                result.add(await self.store.apply(page.requests, epoch, token))
+        result.listed = listing.distinct
+        await self.store.finish(epoch, token)
+        if not epoch.baseline:
+            result.pruned = await self._prune(epoch)
+        _log_cycle(result)
+        return result
+
+    async def _poll_while_held(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set() and self.lease.held:
+            started = time.monotonic()
+            try:
+                await self.cycle()
+            except LeaseLost:
+                log.info("another replica holds the polling lease now; standing by")
+                return
+            except (*RECOVERABLE, RedisError, OSError) as exc:
+                delay = self._failed(exc, failures)
+                failures += 1
+            else:
+                failures, self.last_error = 0, None
+                delay = self.settings.poll_interval - (time.monotonic() - started)
+            await _wait(stop, delay)
+
+    def _failed(self, exc: Exception, failures: int) -> float:
+        """Record why a cycle failed and return how long to wait before the next one."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, RateLimited):
+            delay = exc.retry_after
+            if delay is None:
+                delay = full_jitter(failures, *TRANSIENT_BACKOFF, self._rng)
+            delay = min(delay, MAX_RATE_LIMIT_WAIT)
+            log.warning("the Chamelaion API rate-limited the poll cycle; waiting %.1f s", delay)
+            return delay
+        if isinstance(exc, AuthError | UnexpectedResponse):
+            delay = AUTH_BACKOFF[0] + full_jitter(failures, *AUTH_BACKOFF, self._rng)
+            log.error("poll cycle failed: %s; trying again in %.0f s", exc, delay)
+            return delay
+        delay = full_jitter(failures, *TRANSIENT_BACKOFF, self._rng)
+        log.warning("poll cycle failed: %s; trying again in %.1f s", self.last_error, delay)
+        return delay
+
+    async def _standby_wait(self) -> float:
+        # Try again the moment the holder's lease would expire: takeover within one TTL.
+        return await self.lease.seconds_until_free() + 0.01
+
+    def _note_epoch(self, epoch: Epoch) -> None:
+        if self._epoch_id is not None and epoch.id != self._epoch_id:
+            self.rebaselines += 1
+            log.warning(
+                "Redis lost its data: the epoch of namespace %r is gone or replaced "
+                "(a restart without persistence?). Starting a new baseline that records "
+                "requests silently; deliveries queued in the lost data are lost. "
+                "Run Redis with persistence (appendonly yes).",
+                self.settings.key_prefix,
+            )
+        elif epoch.created:
+            log.info(
+                "namespace %r has no state yet: the first complete cycle is a baseline",
+                self.settings.key_prefix,
+            )
+        self._epoch_id = epoch.id
+
+    async def _prune(self, epoch: Epoch) -> int:
+        start = self._prune_next
+        buckets = range(start, min(start + PRUNE_BUCKETS_PER_CYCLE, STATE_BUCKETS))
+        self._prune_next = buckets.stop % STATE_BUCKETS
+        retention_s = self.settings.retention_days * SECONDS_PER_DAY
+        return await self.store.prune(epoch, self.lease.token, buckets, retention_s)
+
+
+def _log_cycle(result: CycleResult) -> None:
+    if result.baseline:
+        log.info(
+            "baseline complete: %d requests recorded, %d notified", result.listed, result.events
+        )
+    elif result.events or result.silenced:
+        log.info(
+            "poll cycle: %d requests, %d changed, %d events queued, %d old requests not notified",
+            result.listed,
+            result.changed,
+            result.events,
+            result.silenced,
+        )
+    else:
+        log.debug("poll cycle: %d requests, %d changed", result.listed, result.changed)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep for `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))

@@ -1,0 +1,481 @@
+"""Poll cycles end to end: the simulator over HTTP, the poller, and the store in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from notifier import lease as lease_module
+from notifier import poller as poller_module
+from notifier.api import (
+    ApiClient,
+    AuthError,
+    ListingNotSettled,
+    RateLimited,
+    TransientApiError,
+    UnexpectedResponse,
+)
+from notifier.config import Settings, load_settings
+from notifier.models import Event
+from notifier.poller import Poller
+from notifier.simulator import Fault, FaultKind, Simulator
+from notifier.store import LeaseLost, connect_redis
+
+from conftest import RedisFactory, RedisServer
+from samples import SIMULATOR_KEY
+
+NOTIFY_ON = ("completed", "failed")
+
+
+@pytest.fixture(autouse=True)
+def _key_never_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test of this module also checks that no log line holds the API key."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    assert SIMULATOR_KEY not in caplog.text
+
+
+@pytest.fixture(autouse=True)
+def _fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed cycles are retried within tens of milliseconds, and a lease lasts 0.5 s."""
+    monkeypatch.setattr(poller_module, "TRANSIENT_BACKOFF", (0.01, 0.05))
+    monkeypatch.setattr(poller_module, "AUTH_BACKOFF", (0.02, 0.05))
+    monkeypatch.setattr(lease_module, "MIN_TTL_S", 0.5)
+
+
+@pytest.fixture
+async def real_redis(redis_server: RedisServer) -> AsyncIterator[RedisFactory]:
+    """Makes clients of the real redis-server (flushed first), closed after the test."""
+    clients: list[redis.asyncio.Redis] = []
+
+    def factory() -> redis.asyncio.Redis:
+        clients.append(connect_redis(redis_server.url))
+        return clients[-1]
+
+    await factory().flushall()
+    yield factory
+    for client in clients:
+        await client.aclose()
+
+
+def make_settings(api_url: str, **flags: Any) -> Settings:
+    return load_settings(
+        {
+            "api_url": api_url,
+            "api_key": SIMULATOR_KEY,
+            "webhook_url": "http://127.0.0.1:9/hook",
+            "page_size": 20,
+            "poll_interval": 0.1,
+            **flags,
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def poller_of(
+    settings: Settings, client: redis.asyncio.Redis, *, hold: bool = True
+) -> AsyncIterator[Poller]:
+    """A poller with its own API session; holding the lease unless told otherwise."""
+    async with ApiClient(settings) as api:
+        poller = Poller(settings, client, api, rng=random.Random(7))
+        if hold:
+            assert await poller.lease.acquire()
+        yield poller
+
+
+@contextlib.asynccontextmanager
+async def running(poller: Poller) -> AsyncIterator[asyncio.Task[None]]:
+    """`poller.run()` in the background, stopped (and its error raised) on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(poller.run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
+    """Wait until `check()` is true, polling every 20 ms."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "the condition did not become true in time"
+        await asyncio.sleep(0.02)
+
+
+async def outbox(poller: Poller) -> list[Event]:
+    entries = await poller.store.redis.xrange(poller.store.keys.outbox)
+    return [Event.from_fields(fields) for _, fields in entries]
+
+
+def transitions(events: list[Event]) -> Counter[tuple[str, str, str | None]]:
+    return Counter((e.request.id, e.status, e.previous_status) for e in events)
+
+
+def statuses(simulator: Simulator) -> dict[str, str]:
+    return {request.id: request.status for request in simulator.requests.values()}
+
+
+def expected_transitions(
+    before: dict[str, str], after: dict[str, str]
+) -> Counter[tuple[str, str, str | None]]:
+    """What one cycle should queue: each entry into a notify_on status since `before`."""
+    return Counter(
+        (request_id, status, before.get(request_id))
+        for request_id, status in after.items()
+        if status in NOTIFY_ON and before.get(request_id) != status
+    )
+
+
+async def test_cycles_queue_exactly_the_transitions_since_the_last_cycle(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(120)
+    simulator.create(15)
+    async with poller_of(make_settings(api_url), redis_factory()) as poller:
+        baseline = await poller.cycle()
+        assert (baseline.baseline, baseline.listed, baseline.events) == (True, 135, 0)
+        expected: Counter[tuple[str, str, str | None]] = Counter()
+        for _ in range(6):
+            before = statuses(simulator)
+            simulator.progress(fail_ratio=0.3)
+            expected += expected_transitions(before, statuses(simulator))
+            result = await poller.cycle()
+            assert not result.baseline
+        assert sum(expected.values()) > 10
+        assert {status for _, status, _ in expected} == set(NOTIFY_ON)
+        assert transitions(await outbox(poller)) == expected
+        assert await poller.store.tracked() == len(simulator.requests)
+
+
+async def test_a_baseline_that_races_new_requests_notifies_no_old_request(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(200)
+    # Requests arrive while the baseline pages through the newest-first listing.
+    simulator.hooks.append(lambda call: simulator.create(2) if call <= 8 else None)
+    async with poller_of(make_settings(api_url), redis_factory()) as poller:
+        assert (await poller.cycle()).baseline
+        simulator.hooks.clear()
+        quiet = await poller.cycle()
+        assert (quiet.listed, quiet.changed, quiet.events) == (216, 0, 0)
+        # An old finished request the API only now lists is recorded, not notified ...
+        (old,) = simulator.create(created_at=simulator.clock() - timedelta(hours=3))
+        simulator.start(old.id)
+        simulator.complete(old.id)
+        # ... while one created and finished after the baseline is.
+        (new,) = simulator.create()
+        simulator.fail(new.id)
+        result = await poller.cycle()
+        assert (result.events, result.silenced) == (1, 1)
+        assert transitions(await outbox(poller)) == {(new.id, "failed", None): 1}
+
+
+async def test_a_baseline_that_fails_half_way_keeps_what_it_recorded(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(100)
+    simulator.hooks.append(
+        lambda call: simulator.inject(Fault(FaultKind.SERVER_ERROR)) if call == 3 else None
+    )
+    async with poller_of(make_settings(api_url, list_concurrency=1), redis_factory()) as poller:
+        with pytest.raises(TransientApiError):
+            await poller.cycle()
+        store = poller.store
+        assert await store.tracked() == 40  # the two pages before the failure
+        stored = [
+            request
+            for request in simulator.requests.values()
+            if request.status == "processing" and await store.stored(request.id) is not None
+        ]
+        changed = stored[0]
+        simulator.complete(changed.id)
+        simulator.hooks.clear()
+        result = await poller.cycle()
+        assert result.baseline  # still the baseline: it had not completed
+        assert result.events == 1
+        assert transitions(await outbox(poller)) == {(changed.id, "completed", "processing"): 1}
+        assert not (await poller.cycle()).baseline
+
+
+async def test_notify_existing_notifies_what_was_already_finished_on_the_first_cycle(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(60)
+    finished = {r.id for r in simulator.requests.values() if r.status in NOTIFY_ON}
+    settings = make_settings(api_url, notify_existing=True)
+    async with poller_of(settings, redis_factory()) as poller:
+        await poller.cycle()
+        await poller.cycle()
+        assert {event.request.id for event in await outbox(poller)} == finished
+
+
+async def test_a_poller_that_loses_the_lease_mid_cycle_writes_nothing(
+    redis_factory: RedisFactory,
+    simulator: Simulator,
+    api_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator.backfill(60, span=timedelta(minutes=5))
+    settings = make_settings(api_url)
+    async with (
+        poller_of(settings, redis_factory()) as first,
+        poller_of(settings, redis_factory(), hold=False) as second,
+    ):
+        await first.cycle()
+        before = statuses(simulator)
+        for request in simulator.requests.values():
+            if request.status == "processing":
+                simulator.complete(request.id)
+        expected = expected_transitions(before, statuses(simulator))
+
+        apply = first.store.apply
+
+        async def apply_after_losing_the_lease(*args: Any) -> Any:
+            await first.store.redis.delete(first.lease.key)  # it expired meanwhile
+            assert await second.lease.acquire()
+            return await apply(*args)
+
+        monkeypatch.setattr(first.store, "apply", apply_after_losing_the_lease)
+        with pytest.raises(LeaseLost):
+            await first.cycle()
+        assert await outbox(first) == []
+        await second.cycle()
+        assert transitions(await outbox(second)) == expected
+
+
+async def test_overlapping_pollers_never_queue_a_transition_twice(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    # A lease is meant to prevent overlap; should it fail (a paused holder whose lease
+    # expired), the atomic diff alone keeps every (request, status) once.
+    simulator.backfill(50)
+    settings = make_settings(api_url)
+    async with (
+        poller_of(settings, redis_factory()) as first,
+        poller_of(settings, redis_factory(), hold=False) as second,
+    ):
+        second.lease.token = first.lease.token
+        await first.cycle()
+        expected: Counter[tuple[str, str, str | None]] = Counter()
+        for _ in range(8):
+            before = statuses(simulator)
+            simulator.progress(fail_ratio=0.2)
+            expected += expected_transitions(before, statuses(simulator))
+            await asyncio.gather(first.cycle(), second.cycle())
+        assert transitions(await outbox(first)) == expected
+
+
+async def test_two_running_replicas_queue_500_transitions_once_each(
+    real_redis: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    settings = make_settings(api_url, page_size=100)
+    clients = [real_redis(), real_redis()]
+    async with (
+        poller_of(settings, clients[0], hold=False) as first,
+        poller_of(settings, clients[1], hold=False) as second,
+        running(first),
+        running(second),
+    ):
+        await eventually(lambda: clients[0].exists(first.store.keys.last_cycle))
+        for batch in range(25):  # 20 requests finish per batch, while both replicas run
+            for request in simulator.create(20):
+                simulator.start(request.id)
+                if batch % 5 == 0:
+                    simulator.fail(request.id)
+                else:
+                    simulator.complete(request.id)
+            await asyncio.sleep(0.03)
+
+        async def all_queued() -> bool:
+            return await clients[0].xlen(first.store.keys.outbox) >= 500
+
+        await eventually(all_queued)
+        await asyncio.sleep(0.3)  # a few more cycles: nothing more may arrive
+        assert first.lease.held != second.lease.held
+        queued = transitions(await outbox(first))
+        assert len(queued) == 500
+        assert set(queued.values()) == {1}
+
+
+async def test_a_standby_replica_takes_over_within_one_ttl_when_the_poller_dies(
+    redis_factory: RedisFactory,
+    simulator: Simulator,
+    api_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(api_url)
+    async with (
+        poller_of(settings, redis_factory(), hold=False) as first,
+        poller_of(settings, redis_factory(), hold=False) as second,
+    ):
+        first_task = asyncio.create_task(first.run(asyncio.Event()))
+        await eventually(lambda: _true(first.lease.held))
+        async with running(second):
+            await asyncio.sleep(0.3)
+            assert not second.lease.held
+            # The holder dies: it stops at once and never releases its lease.
+            monkeypatch.setattr(first.lease, "release", _nothing)
+            first_task.cancel()
+            died = time.monotonic()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first_task
+            await eventually(lambda: _true(second.lease.held), timeout=5)
+            took_over = time.monotonic() - died
+            assert took_over <= first.lease.ttl_ms / 1000 + 0.2
+            (request,) = simulator.create()
+            simulator.fail(request.id)
+            await eventually(lambda: _queued(second, 1))
+
+
+async def test_redis_restarting_empty_goes_back_to_a_silent_baseline(
+    redis_server: RedisServer,
+    real_redis: RedisFactory,
+    simulator: Simulator,
+    api_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator.backfill(80)
+    client = real_redis()
+    async with poller_of(make_settings(api_url), client, hold=False) as poller, running(poller):
+        keys = poller.store.keys
+        await eventually(lambda: client.exists(keys.last_cycle))
+        (first,) = simulator.create()
+        simulator.complete(simulator.start(first.id).id)
+        await eventually(lambda: _queued(poller, 1))
+        redis_server.stop()
+        await asyncio.sleep(0.3)  # cycles fail while Redis is down
+        redis_server.start()
+        await eventually(lambda: _true(poller.rebaselines == 1))
+        await eventually(lambda: client.hget(keys.epoch, "phase"), timeout=10)
+        await eventually(lambda: _is_live(client, keys.epoch))
+        await asyncio.sleep(0.3)
+        assert await client.xlen(keys.outbox) == 0  # no old request notified again
+        (second,) = simulator.create()
+        simulator.fail(second.id)
+        await eventually(lambda: _queued(poller, 1))
+        assert transitions(await outbox(poller)) == {(second.id, "failed", None): 1}
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("Redis lost its data" in message for message in messages) == 1
+    assert not any("NOGROUP" in message for message in messages)
+
+
+async def test_a_new_baseline_after_lost_data_is_silent_even_with_notify_existing(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(60)
+    settings = make_settings(api_url, notify_existing=True)
+    async with poller_of(settings, redis_factory()) as poller:
+        first = await poller.cycle()
+        assert first.events > 0  # the namespace's very first baseline notifies them
+        await poller.store.redis.flushall()
+        assert await poller.lease.acquire()
+        again = await poller.cycle()
+        assert (again.baseline, again.events, poller.rebaselines) == (True, 0, 1)
+
+
+async def test_the_poller_recovers_when_redis_comes_back(
+    simulator: Simulator, api_url: str
+) -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    simulator.backfill(40)
+    async with poller_of(make_settings(api_url), client, hold=False) as poller, running(poller):
+        await eventually(lambda: client.exists(poller.store.keys.last_cycle))
+        server.connected = False
+        (request,) = simulator.create()
+        simulator.fail(request.id)
+        await asyncio.sleep(0.3)
+        assert poller.last_error is not None
+        assert "ConnectionError" in poller.last_error
+        server.connected = True
+        await eventually(lambda: _queued(poller, 1))
+        await eventually(lambda: _true(poller.last_error is None))
+        assert poller.rebaselines == 0  # the data survived: no new baseline
+
+
+async def test_the_poller_retries_through_api_errors_and_a_revoked_key(
+    redis_factory: RedisFactory,
+    simulator: Simulator,
+    api_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator.backfill(40)
+    async with (
+        poller_of(make_settings(api_url), redis_factory(), hold=False) as poller,
+        running(poller),
+    ):
+        await eventually(lambda: poller.store.redis.exists(poller.store.keys.last_cycle))
+        simulator.inject(Fault(FaultKind.SERVER_ERROR), 2)
+        simulator.inject(Fault(FaultKind.RATE_LIMIT, retry_after="0"))
+        simulator.inject(Fault(FaultKind.INVALID_JSON))
+        simulator.revoked_keys.add(SIMULATOR_KEY)
+        await eventually(lambda: _true(poller.last_error is not None))
+        await eventually(lambda: _true("AuthError" in (poller.last_error or "")))
+        (request,) = simulator.create()
+        simulator.fail(request.id)
+        simulator.revoked_keys.clear()
+        await eventually(lambda: _queued(poller, 1))
+        await eventually(lambda: _true(poller.last_error is None))
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("unauthorized" in message for message in errors)
+
+
+@pytest.mark.parametrize(
+    ("error", "failures", "low", "high"),
+    [
+        (RateLimited(3.5), 0, 3.5, 3.5),
+        (RateLimited(3600), 0, 600, 600),
+        (RateLimited(None), 0, 0, 1),
+        (TransientApiError("503"), 0, 0, 1),
+        (TransientApiError("503"), 3, 0, 8),
+        (TransientApiError("503"), 30, 0, 60),
+        (ListingNotSettled("busy"), 2, 0, 4),
+        (RedisConnectionError("refused"), 1, 0, 2),
+        (AuthError(401, "invalid token"), 0, 30, 60),
+        (AuthError(401, "invalid token"), 20, 30, 300),
+        (UnexpectedResponse(404, "not found"), 0, 30, 60),
+    ],
+)
+async def test_how_long_the_poller_waits_after_each_kind_of_failure(
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    failures: int,
+    low: float,
+    high: float,
+) -> None:
+    monkeypatch.undo()  # the real backoff constants
+    settings = make_settings("http://127.0.0.1:9/api")
+    async with ApiClient(settings) as api:
+        poller = Poller(settings, fakeredis.FakeAsyncRedis(), api, rng=random.Random(1))
+        for _ in range(20):
+            assert low <= poller._failed(error, failures) <= high
+        assert poller.last_error == f"{type(error).__name__}: {error}"
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _nothing(*_args: object) -> None:
+    return None
+
+
+async def _queued(poller: Poller, count: int) -> bool:
+    return await poller.store.redis.xlen(poller.store.keys.outbox) >= count
+
+
+async def _is_live(client: redis.asyncio.Redis, epoch_key: str) -> bool:
+    return await client.hget(epoch_key, "phase") == "live"
