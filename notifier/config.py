@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import fnmatch
 import os
 import tomllib
 from pathlib import Path
@@ -159,6 +160,14 @@ class Route(BaseModel):
         None, min_length=1, description="glob the request's reference_id must match"
     )
     max_concurrency: int = Field(4, ge=1, description="most sends in flight to this route")
+
+    def accepts(self, status: str, reference_id: str | None) -> bool:
+        """Whether this route wants a request entering `status`: its statuses and glob."""
+        if self.statuses is not None and status not in self.statuses:
+            return False
+        if self.reference_id is None:
+            return True
+        return reference_id is not None and fnmatch.fnmatchcase(reference_id, self.reference_id)
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:

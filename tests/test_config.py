@@ -337,6 +337,33 @@ def test_toml_routes_are_read_with_every_field(toml) -> None:
     assert decode_webhook_secrets(pipeline.secret.get_secret_value()) == [b"k" * 24, b"o" * 32]
 
 
+@pytest.mark.parametrize(
+    ("statuses", "glob", "status", "reference_id", "accepted"),
+    [
+        (None, None, "completed", None, True),
+        (["failed"], None, "completed", "order-1", False),
+        (["failed"], None, "failed", None, True),
+        (None, "order-*", "completed", "order-12345-ja", True),
+        (None, "order-*", "completed", "Order-1", False),  # globs are case-sensitive
+        (None, "order-*", "completed", None, False),  # no reference_id matches no glob
+        (None, "*", "completed", None, False),
+        (None, "batch-?", "failed", "batch-7", True),
+        (["completed"], "batch-[0-9]", "completed", "batch-x", False),
+    ],
+)
+def test_a_route_accepts_its_statuses_and_reference_id_glob(
+    statuses: list[str] | None,
+    glob: str | None,
+    status: str,
+    reference_id: str | None,
+    accepted: bool,
+) -> None:
+    route = Route(
+        name="r", type="webhook", url="http://127.0.0.1:9/", statuses=statuses, reference_id=glob
+    )
+    assert route.accepts(status, reference_id) is accepted
+
+
 def test_webhook_secret_signs_a_toml_route_named_webhook(
     monkeypatch: pytest.MonkeyPatch, toml
 ) -> None:
