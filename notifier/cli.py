@@ -7,6 +7,7 @@ and usage errors end with exit code 2 and one paragraph on stderr, never a trace
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -80,13 +81,23 @@ def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 
 
 def _check(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    load_settings(flags).require("api_key", "notifier check calls the Chamelaion API once")
-    return _not_yet("check")
+    from notifier import check  # noqa: PLC0415 - commands import what they need
+
+    settings = load_settings(flags)
+    settings.require("api_key", "notifier check calls the Chamelaion API once")
+    findings = asyncio.run(check.run_check(settings))
+    print(check.findings_table(findings))
+    return check.check_exit_code(findings)
 
 
 def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    _routes_to_test(load_settings(flags), args.route)
-    return _not_yet("send-test")
+    from notifier import check  # noqa: PLC0415 - commands import what they need
+
+    settings = load_settings(flags)
+    routes = _routes_to_test(settings, args.route)
+    sent = asyncio.run(check.send_tests(settings, routes, args.status))
+    print("\n".join(test.line() for test in sent))
+    return 0 if all(test.delivered for test in sent) else EXIT_FAILED
 
 
 def _dlq_list(args: argparse.Namespace, flags: dict[str, Any]) -> int:
