@@ -304,10 +304,12 @@ async def test_two_running_replicas_queue_500_transitions_once_each(
 
         await eventually(all_queued)
         await asyncio.sleep(0.3)  # a few more cycles: nothing more may arrive
-        assert first.lease.held != second.lease.held
+        # One holds the lease; `eventually`, as a slow renewal may hand it over meanwhile.
+        await eventually(lambda: _true(first.lease.held != second.lease.held))
         queued = transitions(await outbox(first))
+        repeated = {key: count for key, count in queued.items() if count > 1}
         assert len(queued) == 500
-        assert set(queued.values()) == {1}
+        assert repeated == {}
 
 
 async def test_a_standby_replica_takes_over_within_one_ttl_when_the_poller_dies(
