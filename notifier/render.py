@@ -38,7 +38,6 @@ SLACK_SECTION_CHARS = 3000
 SLACK_FIELD_CHARS = 2000
 SLACK_MAX_FIELDS = 10
 SLACK_BUTTON_URL_CHARS = 3000
-_MRKDWN_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
 class RenderError(Exception):
@@ -70,7 +69,8 @@ def mrkdwn(value: object, limit: int | None = None) -> str:
     Clipping happens after escaping and never splits an entity such as `&amp;`.
     """
     text = "" if value is None else str(value)
-    escaped = "".join(_MRKDWN_ESCAPES.get(char, char) for char in text)
+    # "&" first, so that the entities made for "<" and ">" are not escaped again.
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     if limit is None or len(escaped) <= limit:
         return escaped
     cut = escaped[: max(0, limit - len(ELLIPSIS))]
