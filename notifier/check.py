@@ -17,7 +17,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from notifier.api import ApiClient, ApiError, AuthError
 from notifier.config import Route, Settings, env_name
 from notifier.models import Delivered, Permanent, Retry, SendResult
-from notifier.render import Renderer, RenderError, sample_event, template_name
+from notifier.render import Renderer, RenderError, sample_event
 from notifier.sinks import Sink
 from notifier.store import connect_redis
 
@@ -39,10 +39,9 @@ class Finding:
 
 async def run_check(settings: Settings) -> list[Finding]:
     """Every finding of `check`, in the order of the table."""
-    findings = check_routes(settings)
-    findings.append(await check_redis(settings))
-    findings.append(await check_api(settings))
-    return findings
+    # Redis and the API are asked at once: an unreachable one costs its timeout only once.
+    services = await asyncio.gather(check_redis(settings), check_api(settings))
+    return [*check_routes(settings), *services]
 
 
 def check_routes(settings: Settings) -> list[Finding]:
@@ -62,7 +61,7 @@ def check_routes(settings: Settings) -> list[Finding]:
     findings = []
     for route in settings.routes:
         for status in route.statuses or settings.notify_on:
-            name = template_name(route, status, renderer.exists)
+            name = renderer.template_for(route, status)
             subject, detail = f"route {route.name}", f"{name} ({status})"
             try:
                 message = renderer.render(route, sample_event(status))

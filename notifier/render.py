@@ -144,10 +144,11 @@ class Renderer:
             tojson=tojson, mrkdwn=mrkdwn, clip=clip, readable_time=readable_time, duration=duration
         )
         self._compiled: dict[str, Template] = {}
+        self._names: dict[tuple[str, str], str] = {}
 
     def render(self, route: Route, event: Event) -> Message:
         """The body of `event` for `route`; `RenderError` naming the route, file and line."""
-        name = template_name(route, event.status, self.exists)
+        name = self.template_for(route, event.status)
         template = self._template(route, name)
         where = f"route {route.name!r}, template {name}"
         try:
@@ -180,8 +181,14 @@ class Renderer:
                     return f"{where}, line {frame.lineno}"
         return ""
 
-    def exists(self, name: str) -> bool:
-        """Whether a template of this name is in any template directory."""
+    def template_for(self, route: Route, status: str) -> str:
+        """The template `route` renders for `status`, looked up once per process."""
+        key = (route.name, status)
+        if (name := self._names.get(key)) is None:
+            name = self._names[key] = template_name(route, status, self._exists)
+        return name
+
+    def _exists(self, name: str) -> bool:
         return any((directory / name).is_file() for directory in self._dirs)
 
     def _template(self, route: Route, name: str) -> Template:
@@ -189,14 +196,15 @@ class Renderer:
             try:
                 template = self._env.get_template(name)
             except TemplateSyntaxError as exc:
+                inner = "" if exc.name in (None, name) else f" (in {exc.name})"
                 raise RenderError(
-                    f"route {route.name!r}, template {name}, line {exc.lineno}: {exc.message}"
+                    f"route {route.name!r}, template {name}{inner}, line {exc.lineno}: "
+                    f"{exc.message}"
                 ) from None
-            except TemplateError as exc:
+            except TemplateNotFound:
                 searched = ", ".join(str(directory) for directory in self._dirs)
                 raise RenderError(
-                    f"route {route.name!r}: template {name} not found (searched {searched}): "
-                    f"{_first_line(exc)}"
+                    f"route {route.name!r}: template {name} not found; searched {searched}"
                 ) from None
             self._compiled[name] = template
         return template

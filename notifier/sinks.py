@@ -27,6 +27,9 @@ from notifier.render import Message
 # Bytes of an answer read at most: enough for any error message, bounded for a hostile one.
 MAX_ANSWER_BYTES = 64 * 1024
 REASON_BODY_CHARS = 300
+# Route header values this long are redacted from answers; shorter ones ("dub") are
+# labels, and blanking them everywhere would garble the reason.
+MIN_TOKEN = 8
 # Slack's answers to an incoming-webhook POST that no retry can fix
 # (https://api.slack.com/messaging/webhooks#handling_errors).
 SLACK_PERMANENT_ERRORS = frozenset(
@@ -143,14 +146,17 @@ class Sink:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
         self._url = route.url.get_secret_value()
-        path = urlsplit(self._url).path
-        self._url_parts = [self._url, *([path] if len(path) > 1 else [])]
         self._keys = decode_webhook_secrets(route.secret.get_secret_value()) if route.secret else []
         # Lower-cased so that no header goes out twice: a route may set its own
         # user-agent, but never the content type or the webhook-* headers.
         self._route_headers = {
             name.lower(): value.get_secret_value() for name, value in route.headers.items()
         }
+        path = urlsplit(self._url).path
+        # What a receiver must not get us to quote: the URL, its path (a Slack URL's path
+        # is the credential) and the route's header values (tokens, usually).
+        tokens = {value for value in self._route_headers.values() if len(value) >= MIN_TOKEN}
+        self._secrets = sorted({self._url, path, *tokens} - {"", "/"}, key=len, reverse=True)
 
     async def send(self, message: Message) -> SendResult:
         """One attempt: POST the message, never following redirects; never raises for I/O."""
@@ -184,10 +190,7 @@ class Sink:
         return headers
 
     def _redacted(self, body: str) -> str:
-        """The answer without our URL or its path, before any of it can be quoted in a reason.
-
-        A receiver may echo the URL it was called on, and a Slack URL's path is a credential.
-        """
-        for secret in self._url_parts:
-            body = body.replace(secret, "<route url>")
+        """The answer without the route's secrets, before any of it can be quoted in a reason."""
+        for secret in self._secrets:  # longest first: the URL before its own path
+            body = body.replace(secret, "<redacted>")
         return body

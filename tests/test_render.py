@@ -587,6 +587,17 @@ def test_an_error_in_an_imported_template_names_the_file_it_is_in(tmp_path: Path
     assert "macros.j2" in message, f"line 5 of macros.j2 reported as: {message}"
 
 
+def test_a_syntax_error_in_an_imported_template_names_the_file_it_is_in(tmp_path: Path) -> None:
+    write(tmp_path, "macros.j2", "{% macro x() %}\n\n{% if %}\n{% endmacro %}\n")
+    message = render_error(tmp_path, '{% import "macros.j2" as m %}\n{"a": {{ m.x() }}}\n')
+    assert "mine.json.j2 (in macros.j2), line 3" in message
+
+
+def test_an_imported_template_that_is_missing_is_named(tmp_path: Path) -> None:
+    message = render_error(tmp_path, '{% import "absent.j2" as m %}\n{"a": {{ m.x() }}}\n')
+    assert "template absent.j2 not found" in message
+
+
 def test_output_that_is_not_json_is_reported_as_not_valid_json(tmp_path: Path) -> None:
     message = render_error(tmp_path, '{"id": {{ request.id }}}')
     assert "'ops'" in message

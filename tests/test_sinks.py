@@ -489,7 +489,7 @@ async def test_an_echoed_url_is_blanked_in_the_reason(
     assert isinstance(result, Permanent | Retry)
     assert str(receiver.seen[0].path) == HOOK_PATH  # the receiver did see the full path
     assert_no_url(result.reason, url)
-    assert "no hook at <route url>" in result.reason
+    assert "no hook at <redacted>" in result.reason
 
 
 @pytest.mark.parametrize("status", [404, 500])
@@ -681,3 +681,22 @@ def test_sign_agrees_with_standardwebhooks() -> None:
     when = datetime(2026, 3, 30, 11, 1, 10, tzinfo=UTC)
     peer = Webhook(key).sign("evt", when, '{"a":1}')
     assert sign([key], "evt", int(when.timestamp()), b'{"a":1}') == peer
+
+
+async def test_an_echoed_header_token_is_blanked_in_the_reason(
+    receiver: Receiver, session: aiohttp.ClientSession
+) -> None:
+    async def echo_header(request: web.Request) -> web.Response:
+        return web.Response(status=401, text=f"bad token {request.headers['Authorization']}")
+
+    receiver.handler = echo_header
+    route = Route(
+        name="ops",
+        type="webhook",
+        url=SecretStr(receiver.url()),
+        headers={"Authorization": SecretStr("Bearer ZZLEAK-header-token")},
+    )
+    result = await send(route, session)
+    assert isinstance(result, Permanent)
+    assert "ZZLEAK" not in result.reason
+    assert result.reason == "HTTP 401: bad token <redacted>"
