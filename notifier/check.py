@@ -73,7 +73,7 @@ def check_routes(settings: Settings) -> list[Finding]:
 
 
 async def check_redis(settings: Settings) -> Finding:
-    """PING the configured Redis; without one, say that state is kept in memory."""
+    """Ask the configured Redis for its version; without one, say state is kept in memory."""
     setting = env_name("redis_url")
     if settings.redis_url is None:
         return Finding("redis", setting, True, "not set: in-memory store, state is lost on restart")
