@@ -40,9 +40,18 @@ ENV_PREFIX = "NOTIFIER_"
 API_KEY_ALIAS = "CHAMELAION_API_KEY"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 KNOWN_STATUSES = ("queued", "processing", "completed", "failed")
-# Headers the webhook sink sets itself; a route overriding them would break signatures.
+# Headers the sinks set themselves: the contract fixes their values, and a route
+# overriding them would break signatures or send a header twice.
 RESERVED_HEADERS = frozenset(
-    {"webhook-id", "webhook-timestamp", "webhook-signature", "content-length", "host"}
+    {
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "content-type",
+        "user-agent",
+        "content-length",
+        "host",
+    }
 )
 SLACK_ROUTE = "slack"
 WEBHOOK_ROUTE = "webhook"

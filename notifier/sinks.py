@@ -147,10 +147,9 @@ class Sink:
         self._clock = clock
         self._url = route.url.get_secret_value()
         self._keys = decode_webhook_secrets(route.secret.get_secret_value()) if route.secret else []
-        # Lower-cased so that no header goes out twice: a route may set its own
-        # user-agent, but never the content type or the webhook-* headers.
+        # The settings refuse route headers named like ours, so none goes out twice.
         self._route_headers = {
-            name.lower(): value.get_secret_value() for name, value in route.headers.items()
+            name: value.get_secret_value() for name, value in route.headers.items()
         }
         path = urlsplit(self._url).path
         # What a receiver must not get us to quote: the URL, its path (a Slack URL's path
@@ -177,8 +176,11 @@ class Sink:
 
     def headers(self, message: Message) -> dict[str, str]:
         """The headers of one attempt; a webhook's timestamp and signature are fresh each time."""
-        headers = {"user-agent": USER_AGENT, **self._route_headers}
-        headers["content-type"] = "application/json"
+        headers = {
+            **self._route_headers,
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+        }
         if self.route.type == "webhook":
             timestamp = int(self._clock())
             headers["webhook-id"] = message.event_id

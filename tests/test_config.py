@@ -405,6 +405,8 @@ def test_route_statuses_must_be_a_subset_of_notify_on(toml) -> None:
         ('secret = "plain"', "must start with whsec_"),
         ('secret = "whsec_***"', "must be base64"),
         ('headers = { "Webhook-Signature" = "x" }', "set by the notifier"),
+        ('headers = { "User-Agent" = "team-agent/2" }', "set by the notifier"),
+        ('headers = { "content-type" = "text/plain" }', "set by the notifier"),
         ('template = "../../etc/passwd"', "relative path inside the template directories"),
         ('template = "/etc/passwd"', "relative path inside the template directories"),
         ("max_concurrency = 0", "max_concurrency = 0"),

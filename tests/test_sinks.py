@@ -553,19 +553,24 @@ async def test_webhook_headers_follow_the_contract(
     assert seen.headers.getall("X-Team") == ["dub"]
 
 
-async def test_route_headers_named_like_ours_do_not_go_out_twice(
+async def test_route_headers_go_out_once_beside_the_contract_headers(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    headers = {"User-Agent": "team-agent/2", "Content-Type": "text/plain", "X-Team": "dub"}
+    headers = {"X-Team": "dub"}
     for route in (webhook_route(receiver.url(), **headers), slack_route(receiver.url(), **headers)):
         assert await send(route, session) == Delivered(200)
     assert len(receiver.seen) == 2
     for seen in receiver.seen:
         assert seen.headers.getall("Content-Type") == ["application/json"]
-        # One User-Agent only; the route's own value stands in for ours (Sink.headers
-        # lets route headers replace the default user agent, not the content type).
-        assert seen.headers.getall("User-Agent") == ["team-agent/2"]
+        # The contract fixes the user agent; the settings refuse a route's own.
+        assert seen.headers.getall("User-Agent") == [USER_AGENT]
         assert seen.headers.getall("X-Team") == ["dub"]
+
+
+@pytest.mark.parametrize("name", ["User-Agent", "content-type", "Webhook-Id"])
+def test_a_route_cannot_set_a_header_the_sink_sets(name: str) -> None:
+    with pytest.raises(ValueError, match="set by the notifier"):
+        webhook_route("http://127.0.0.1:9/hook", **{name: "mine"})
 
 
 async def test_slack_requests_carry_no_webhook_headers(
