@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,7 +115,7 @@ def _parse_time(value: object) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def template_name(route: Route, status: str, exists: Any) -> str:
+def template_name(route: Route, status: str, exists: Callable[[str], bool]) -> str:
     """The template a route renders for `status`.
 
     A route's own `template` may contain `{status}`. The bundled Slack templates are

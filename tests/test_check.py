@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from notifier.check import CHECK_MISCONFIGURED, CHECK_PASSED, CHECK_UNREACHABLE
-from notifier.simulator import Simulator
+from notifier.check import CHECK_MISCONFIGURED, CHECK_PASSED, CHECK_UNREACHABLE, check_api
+from notifier.config import load_settings
+from notifier.simulator import Fault, FaultKind, Simulator
 
 from conftest import RedisServer
 from samples import SIMULATOR_KEY
@@ -504,3 +505,17 @@ async def test_send_test_failing_route_exits_1_and_the_other_is_still_delivered(
     assert len(receiver.to(SLACK_PATH)) == 1
     assert len(receiver.to(WEBHOOK_PATH)) == 1
     verified_webhook(receiver.to(WEBHOOK_PATH)[0])
+
+
+@pytest.mark.parametrize(
+    "kind", [FaultKind.RATE_LIMIT, FaultKind.SERVER_ERROR, FaultKind.INVALID_JSON, FaultKind.HTML]
+)
+async def test_an_api_that_answers_badly_is_unreachable_not_misconfigured(
+    simulator: Simulator, api_url: str, kind: FaultKind
+) -> None:
+    simulator.inject(Fault(kind, retry_after="30"))
+    settings = load_settings({"api_url": api_url, "api_key": SIMULATOR_KEY})
+    finding = await check_api(settings)
+    assert not finding.passed
+    assert not finding.misconfigured  # trying again later can help: exit 1, not 2
+    assert SIMULATOR_KEY not in finding.result
