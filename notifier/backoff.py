@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import random
 from datetime import UTC, datetime
@@ -40,3 +42,12 @@ def full_jitter(attempt: int, base: float, cap: float, rng: random.Random) -> fl
     Full jitter spreads the retries of many clients that failed together.
     """
     return rng.uniform(0, min(cap, base * 2 ** min(attempt, 64)))
+
+
+async def sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
+    """Sleep for `seconds`, or less if `stop` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(max(0.0, seconds))
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))

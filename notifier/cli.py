@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -48,7 +51,7 @@ def _require_redis(settings: Settings, command: str, why: str) -> None:
     settings.require("redis_url", f"notifier {command} {why}")
 
 
-def _routes_to_test(settings: Settings, name: str | None) -> list[Route]:
+def _configured_routes(settings: Settings, name: str | None) -> list[Route]:
     if not settings.routes:
         raise ConfigError(
             f"no route is configured: set {env_name('slack_webhook_url')} or "
@@ -69,6 +72,9 @@ def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 
 
 def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    from notifier.api import AuthError  # noqa: PLC0415 - commands import what they need
+    from notifier.once import run_once  # noqa: PLC0415
+
     settings = load_settings(flags)
     _require_redis(
         settings,
@@ -77,7 +83,14 @@ def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
         "would be a silent baseline that never notifies",
     )
     settings.require("api_key", "notifier once polls the Chamelaion API")
-    return _not_yet("once")
+    _configured_routes(settings, None)
+    _configure_logging()
+    try:
+        report = asyncio.run(run_once(settings))
+    except AuthError as exc:
+        raise ConfigError(f"{exc}; check {env_name('api_key')}.") from None
+    print(report.summary())
+    return report.exit_code()
 
 
 def _check(args: argparse.Namespace, flags: dict[str, Any]) -> int:
@@ -94,22 +107,76 @@ def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier import check  # noqa: PLC0415 - commands import what they need
 
     settings = load_settings(flags)
-    routes = _routes_to_test(settings, args.route)
+    routes = _configured_routes(settings, args.route)
     sent = asyncio.run(check.send_tests(settings, routes, args.status))
     print("\n".join(test.line() for test in sent))
     return 0 if all(test.delivered for test in sent) else EXIT_FAILED
 
 
 def _dlq_list(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    _require_redis(load_settings(flags), "dlq", "reads the dead letters kept in Redis")
-    return _not_yet("dlq list")
+    from notifier import dlq  # noqa: PLC0415 - commands import what they need
+    from notifier.keys import Keys  # noqa: PLC0415
+    from notifier.store import open_redis  # noqa: PLC0415
+
+    settings = load_settings(flags)
+    _require_redis(settings, "dlq", "reads the dead letters kept in Redis")
+
+    async def list_all() -> None:
+        client = open_redis(settings)
+        try:
+            async for dead_letter in dlq.DeadLetters(client, Keys(settings.key_prefix)).all():
+                print(json.dumps(dead_letter.as_json(), ensure_ascii=False))
+        finally:
+            await client.aclose()
+
+    asyncio.run(list_all())
+    return 0
 
 
 def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    from notifier import dlq  # noqa: PLC0415 - commands import what they need
+    from notifier.keys import Keys  # noqa: PLC0415
+    from notifier.store import open_redis  # noqa: PLC0415
+
     if bool(args.ids) == args.all:
         raise UsageError("notifier dlq replay: give dead-letter IDs or --all, not both or neither")
-    _require_redis(load_settings(flags), "dlq", "re-queues the dead letters kept in Redis")
-    return _not_yet("dlq replay")
+    settings = load_settings(flags)
+    _require_redis(settings, "dlq", "re-queues the dead letters kept in Redis")
+    routes = [route.name for route in settings.routes]
+
+    async def replay() -> dlq.Replayed:
+        client = open_redis(settings)
+        try:
+            letters = dlq.DeadLetters(client, Keys(settings.key_prefix))
+            return await letters.replay(None if args.all else args.ids, routes)
+        finally:
+            await client.aclose()
+
+    done = asyncio.run(replay())
+    for dead_letter in done.replayed:
+        print(f"replayed {dead_letter.id} to route {dead_letter.route}")
+    if done.unrouted:
+        names = ", ".join(sorted({d.route for d in done.unrouted}))
+        print(
+            f"notifier dlq replay: kept {len(done.unrouted)} dead letters of routes this "
+            f"configuration lacks ({names}); add the routes back to replay them.",
+            file=sys.stderr,
+        )
+    if done.missing:
+        others = f"; the other {len(done.replayed)} were replayed" if done.replayed else ""
+        raise ConfigError(
+            f"no dead letter with id {', '.join(done.missing)} (see notifier dlq list){others}."
+        )
+    return EXIT_USAGE if done.unrouted else 0
+
+
+def _configure_logging() -> None:
+    """Log lines on stderr, so stdout carries only a command's own output."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:
@@ -197,4 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
     except ConfigError as exc:
         print(f"notifier: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (`notifier dlq list | head`): that is its choice, not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return EXIT_USAGE

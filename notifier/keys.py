@@ -48,14 +48,27 @@ class Keys:
         return self._key("outbox")
 
     @cached_property
-    def retries(self) -> str:
-        """Sorted set of deliveries to try again, scored by when they are due."""
-        return self._key("retries")
-
-    @cached_property
     def dead_letters(self) -> str:
         """Stream of deliveries that gave up, for `notifier dlq`."""
         return self._key("dead-letters")
+
+    @cached_property
+    def routes_seen(self) -> str:
+        """Hash of route name -> when a worker of some replica last served it (unix ms)."""
+        return self._key("routes-seen")
+
+    def retries(self, route: str) -> str:
+        """Sorted set of one route's deliveries to try again (outbox entry ids), scored by
+        when they are due (unix ms)."""
+        return self._key("retries", route)
+
+    def retry_events(self, route: str) -> str:
+        """Hash of one route's retry entry id -> the event and its attempts so far."""
+        return self._key("retry-events", route)
+
+    def retry_claims(self, route: str) -> str:
+        """Hash of one route's retries being sent now -> the consumer sending each."""
+        return self._key("retry-claims", route)
 
     def state(self, bucket: int) -> str:
         """One bucket hash of request state (request id -> stored status)."""

@@ -29,6 +29,7 @@ class SlackSlot:
         interval_s: float = SLACK_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._client = client
         self._key = keys.slack_slot(url)
         self._interval_ms = round(interval_s * 1000)
         self._clock = clock
@@ -39,6 +40,11 @@ class SlackSlot:
         """Claim the slot: 0 if a message may go now, else the seconds until it is free."""
         wait_ms = await self._take(keys=[self._key], args=[self._now_ms(), self._interval_ms])
         return int(wait_ms) / 1000
+
+    async def free_in(self) -> float:
+        """Seconds until the slot is free, without taking it (0 if free now)."""
+        free_at = await self._client.get(self._key)
+        return max(0, int(free_at or 0) - self._now_ms()) / 1000
 
     async def defer(self, seconds: float) -> float:
         """Hold the slot for `seconds` from now (Slack's Retry-After); the seconds it is held."""

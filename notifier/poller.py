@@ -20,7 +20,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from notifier.api import ApiClient, AuthError, RateLimited, TransientApiError, UnexpectedResponse
-from notifier.backoff import full_jitter
+from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
@@ -95,12 +95,12 @@ class Poller:
             try:
                 held = await self.lease.acquire()
             except (RedisError, OSError) as exc:
-                await _wait(stop, self._failed(exc, failures))
+                await sleep_unless(stop, self._failed(exc, failures))
                 failures += 1
                 continue
             failures = 0
             if not held:
-                await _wait(stop, await self._standby_wait())
+                await sleep_unless(stop, await self._standby_wait())
                 continue
             renewer = asyncio.create_task(self.lease.keep_renewed())
             try:
@@ -145,7 +145,7 @@ class Poller:
             else:
                 failures, self.last_error = 0, None
                 delay = self.settings.poll_interval - (time.monotonic() - started)
-            await _wait(stop, delay)
+            await sleep_unless(stop, delay)
 
     def _failed(self, exc: Exception, failures: int) -> float:
         """Record why a cycle failed and return how long to wait before the next one."""
@@ -209,9 +209,3 @@ def _log_cycle(result: CycleResult) -> None:
         )
     else:
         log.debug("poll cycle: %d requests, %d changed", result.listed, result.changed)
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep for `seconds`, or less if `stop` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))

@@ -23,6 +23,7 @@ import redis.asyncio
 from notifier.simulator import Simulator
 from notifier.store import connect_redis
 
+from receiver import Receiver
 from samples import SIMULATOR_KEY
 
 pytest_plugins = ["pytester"]
@@ -153,3 +154,10 @@ async def api_url(simulator: Simulator) -> AsyncIterator[str]:
     """The base URL (API_URL) of the simulator, served in-process on a free port."""
     async with simulator.serve() as url:
         yield url
+
+
+@pytest.fixture
+async def webhook_receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 that records requests and answers as planned."""
+    async with Receiver.serve() as receiver:
+        yield receiver

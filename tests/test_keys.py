@@ -17,6 +17,7 @@ SAMPLE_ARGUMENTS = {
     "request_id": str(uuid.uuid4()),
     "consumer": "host-1:42",
     "url": SLACK_URL,
+    "route": "ops-webhook",
 }
 
 

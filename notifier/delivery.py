@@ -1,0 +1,493 @@
+"""Delivery workers: read each route's deliveries, render, send, and settle the outcome.
+
+One worker per route, so a slow or dead endpoint only ever holds its own route's slots.
+A worker reads a delivery only when it can send it now: the route is below its
+`max_concurrency` and, for Slack, the URL's pacing slot is free. Every outcome goes
+through the one classifier (`sinks.classify`) and then `RetryPolicy`, and is settled in
+Redis in one atomic step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from notifier.backoff import full_jitter, sleep_unless
+from notifier.config import Route, Settings
+from notifier.dlq import dead_letter_fields
+from notifier.keys import Keys
+from notifier.models import Delivered, Event, MalformedEvent, Permanent, Retry, SendResult
+from notifier.pacing import SlackSlot
+from notifier.queue import Backlog, Outbox, RouteQueue, Work
+from notifier.render import Renderer, RenderError
+from notifier.sinks import Sink
+
+log = logging.getLogger(__name__)
+
+# A worker's heartbeat lasts this long unrenewed; its pending deliveries are taken over
+# once it is gone, so a killed process's work moves on within about this long.
+HEARTBEAT_TTL_S = 5.0
+# How often each process looks for stopped workers, and trims the outbox.
+MAINTENANCE_S = 1.0
+TRIM_EVERY_S = 60.0
+# How often the idle-time backstop (XAUTOCLAIM) runs, and its floor.
+BACKSTOP_EVERY_S = 10.0
+MIN_BACKSTOP_IDLE_S = 30.0
+# A blocking read of new entries waits at most this long, so retries that fall due and
+# orphans are seen soon after.
+BLOCK_S = 0.5
+RETRY_CHECK_S = 0.25
+# A Retry-After beyond a day is taken as a receiver's mistake rather than an instruction.
+MAX_RETRY_AFTER_S = 86_400.0
+# After reading a Slack delivery, a worker waits this long at most for the URL's slot
+# (another replica may have taken it meanwhile); longer, and it schedules the delivery.
+SLACK_HOLD_S = 1.5
+# Backoff of a worker whose Redis calls fail, and of settling one outcome.
+REDIS_BACKOFF = (0.5, 30.0)
+SETTLE_TRIES = 4
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def sink_session() -> aiohttp.ClientSession:
+    """The HTTP session of the sinks: no connection limit of its own, since each route
+    bounds its sends in flight, and one route must not wait for another's connections."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+def backstop_idle_s(delivery_timeout: float) -> float:
+    """Idle time after which a pending delivery is taken from a consumer that still beats."""
+    return max(3 * delivery_timeout, MIN_BACKSTOP_IDLE_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Delivered, or not meant for this route: forget it."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """Try again in `delay_s`."""
+
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Dead-letter it."""
+
+    reason: str
+
+
+Decision = Done | Later | GiveUp
+
+
+class RetryPolicy:
+    """When to try a failed delivery again, and when to give up."""
+
+    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+        self.max_attempts = settings.retry_max_attempts
+        self.base = settings.retry_base_delay
+        self.cap = settings.retry_max_delay
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    def decide(self, attempt: int, result: SendResult) -> Decision:
+        """The decision after attempt number `attempt` (1 for the first) ended in `result`."""
+        match result:
+            case Delivered(status=status):
+                return Done(f"delivered (HTTP {status})")
+            case Permanent(reason=reason):
+                return GiveUp(reason)
+            case Retry(after=after, reason=reason):
+                if attempt >= self.max_attempts:
+                    return GiveUp(f"{reason} (gave up after {attempt} attempts)")
+                delay = full_jitter(attempt - 1, self.base, self.cap, self._rng)
+                if after is not None:
+                    delay = max(delay, min(after, MAX_RETRY_AFTER_S))
+                return Later(delay, reason)
+
+
+@dataclass
+class Tally:
+    """Outcomes settled by this process since it started."""
+
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    skipped: int = 0  # events the route does not take (statuses, reference_id)
+    by_route: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, route: str, outcome: str) -> None:
+        """Count one settled outcome of `route`."""
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        per_route = self.by_route.setdefault(route, {})
+        per_route[outcome] = per_route.get(outcome, 0) + 1
+
+
+class Heartbeat:
+    """This process's proof of life: while it lasts, no one takes its pending deliveries."""
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, consumer: str) -> None:
+        self.redis = client
+        self.key = keys.heartbeat(consumer)
+
+    async def beat(self) -> None:
+        """Set (or set again, if it lapsed) the heartbeat for one TTL."""
+        await self.redis.set(self.key, "1", px=round(HEARTBEAT_TTL_S * 1000))
+
+    async def keep(self) -> None:
+        """Beat every third of the TTL until cancelled."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_TTL_S / 3)
+            try:
+                await self.beat()
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew the delivery heartbeat: %s", exc)
+
+    async def end(self) -> None:
+        """Stop proving life: the process has nothing pending any more."""
+        await self.redis.delete(self.key)
+
+
+class RouteWorker:
+    """Sends one route's deliveries, at most `max_concurrency` at a time."""
+
+    def __init__(
+        self,
+        route: Route,
+        queue: RouteQueue,
+        *,
+        renderer: Renderer,
+        sink: Sink,
+        policy: RetryPolicy,
+        tally: Tally,
+        slot: SlackSlot | None,
+        delivery_timeout: float,
+        rng: random.Random,
+    ) -> None:
+        self.route = route
+        self.queue = queue
+        self._renderer = renderer
+        self._sink = sink
+        self._policy = policy
+        self._tally = tally
+        self._slot = slot
+        self._visibility_s = backstop_idle_s(delivery_timeout)
+        self._rng = rng
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._next_backstop = 0.0  # the backstop runs once at start, then periodically
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set, then wait for the sends in flight."""
+        failures, next_retry_check = 0, 0.0
+        while not stop.is_set():
+            await self._room()
+            if await self._wait_for_slot(stop):
+                continue
+            check_retries = time.monotonic() >= next_retry_check
+            try:
+                taken = await self._take(BLOCK_S, check_retries=check_retries)
+                await self._start_all(taken)
+            except (RedisError, OSError) as exc:
+                delay = full_jitter(failures, *REDIS_BACKOFF, self._rng)
+                failures += 1
+                log.warning(
+                    "route %s: Redis failed (%s); trying again in %.1f s",
+                    self.route.name,
+                    exc,
+                    delay,
+                )
+                await sleep_unless(stop, delay)
+                continue
+            failures = 0
+            if check_retries and not any(work.source == "retry" for work in taken):
+                next_retry_check = time.monotonic() + RETRY_CHECK_S
+        await self.wait_in_flight()
+
+    async def drain(self) -> None:
+        """Deliver everything due now (retries due, orphans, unread entries), then return."""
+        until = self.queue.now()
+        while True:
+            await self._room()
+            await self._wait_for_slot(None)
+            taken = await self._take(0, check_retries=True, retries_until=until)
+            if not taken:
+                break
+            await self._start_all(taken)
+        await self.wait_in_flight()
+
+    async def wait_in_flight(self) -> None:
+        """Wait for every send in flight to be settled."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def _room(self) -> None:
+        while len(self._in_flight) >= self.route.max_concurrency:
+            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _wait_for_slot(self, stop: asyncio.Event | None) -> bool:
+        """For Slack, wait until the URL's slot is free before reading; True if it waited."""
+        if self._slot is None or (wait := await self._slot.free_in()) <= 0:
+            return False
+        await sleep_unless(stop, wait)
+        return True
+
+    async def _take(
+        self, block_s: float, *, check_retries: bool, retries_until: int | None = None
+    ) -> list[Work]:
+        """Up to as many deliveries as can be sent now: due retries first, then those of
+        stopped workers, then (rarely) long-idle ones, then new entries."""
+        count = 1 if self._slot else self.route.max_concurrency - len(self._in_flight)
+        queue, taken = self.queue, []
+        if check_retries:
+            taken += await queue.take_retries(count, self._visibility_s, until=retries_until)
+        if len(taken) < count and queue.orphaned:
+            taken += await queue.take_orphans(count - len(taken))
+        if len(taken) < count and time.monotonic() >= self._next_backstop:
+            self._next_backstop = 0.0  # the backstop runs once at start, then periodically
+            taken += await queue.reclaim_idle(count - len(taken), self._visibility_s)
+        if len(taken) < count:
+            taken += await queue.take_new(count - len(taken), 0 if taken else block_s)
+        return taken
+
+    async def _start_all(self, taken: list[Work]) -> None:
+        for work in taken:
+            if self._slot is not None and not await self._take_slot(self._slot, work):
+                continue
+            task = asyncio.create_task(self._deliver(work))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _take_slot(self, slot: SlackSlot, work: Work) -> bool:
+        """Take the Slack slot for `work`, or schedule `work` for when it is free."""
+        while (wait := await slot.take()) > 0:
+            if wait > SLACK_HOLD_S:
+                await self.queue.settle(work, "retry", due_s=wait, attempts=work.attempts)
+                return False
+            await asyncio.sleep(wait)
+        return True
+
+    async def _deliver(self, work: Work) -> None:
+        attempt = work.attempts + 1
+        try:
+            event = Event.from_fields(work.fields)
+        except MalformedEvent as exc:
+            await self._settle(work, None, GiveUp(str(exc)), attempt)
+            return
+        if not self.route.accepts(event.status, event.request.reference_id):
+            await self._settle(work, event, Done("not for this route"), attempt, skipped=True)
+            return
+        try:
+            message = self._renderer.render(self.route, event)
+        except RenderError as exc:
+            await self._settle(work, event, GiveUp(f"could not render: {exc}"), attempt)
+            return
+        result = await self._sink.send(message)
+        if self._slot is not None and isinstance(result, Retry) and result.after:
+            with contextlib.suppress(RedisError, OSError):
+                await self._slot.defer(min(result.after, MAX_RETRY_AFTER_S))
+        await self._settle(work, event, self._policy.decide(attempt, result), attempt)
+
+    async def _settle(
+        self,
+        work: Work,
+        event: Event | None,
+        decision: Decision,
+        attempt: int,
+        *,
+        skipped: bool = False,
+    ) -> None:
+        """Record the decision in Redis, trying a few times; if Redis stays down, the
+        delivery stays pending here and the backstop sends it again (same webhook-id)."""
+        for failures in range(SETTLE_TRIES):
+            try:
+                settled = await self._record(work, decision, attempt)
+                break
+            except (RedisError, OSError) as exc:
+                if failures == SETTLE_TRIES - 1:
+                    log.error(
+                        "route %s: could not record the outcome of entry %s (%s); it will be "
+                        "sent again later with the same webhook-id",
+                        self.route.name,
+                        work.entry_id,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(full_jitter(failures, *REDIS_BACKOFF, self._rng))
+        if not settled:
+            log.info(
+                "route %s: entry %s was settled by another worker", self.route.name, work.entry_id
+            )
+            return
+        if skipped:
+            self._tally.count(self.route.name, "skipped")
+            return
+        self._tally.count(self.route.name, _outcome(decision))
+        _log_outcome(self.route, work, event, decision, attempt)
+
+    async def _record(self, work: Work, decision: Decision, attempt: int) -> bool:
+        match decision:
+            case Done():
+                return await self.queue.settle(work, "done")
+            case Later(delay_s=delay):
+                return await self.queue.settle(work, "retry", due_s=delay, attempts=attempt)
+            case GiveUp(reason=reason):
+                letter = dead_letter_fields(work, attempt, reason)
+                return await self.queue.settle(work, "dead", dead_letter=letter)
+
+
+def _outcome(decision: Decision) -> str:
+    return {Done: "delivered", Later: "retried", GiveUp: "dead"}[type(decision)]
+
+
+def _log_outcome(
+    route: Route,
+    work: Work,
+    event: Event | None,
+    decision: Decision,
+    attempt: int,
+) -> None:
+    """One line per delivery outcome, naming the event, the request and its reference."""
+    if event is None:
+        subject = f"outbox entry {work.entry_id}"
+    else:
+        reference = event.request.reference_id or "-"
+        subject = (
+            f"event {event.id} (request {event.request.id}, reference_id {reference}, "
+            f"{event.status})"
+        )
+    match decision:
+        case Done(detail=detail):
+            log.info("route %s: %s %s, attempt %d", route.name, subject, detail, attempt)
+        case Later(delay_s=delay, reason=reason):
+            log.warning(
+                "route %s: %s failed (%s), attempt %d; trying again in %.1f s",
+                route.name,
+                subject,
+                reason,
+                attempt,
+                delay,
+            )
+        case GiveUp(reason=reason):
+            log.error(
+                "route %s: %s dead-lettered after %d attempts: %s (see notifier dlq list)",
+                route.name,
+                subject,
+                attempt,
+                reason,
+            )
+
+
+class Delivery:
+    """Every route's worker in this process, their heartbeat and their upkeep."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.asyncio.Redis,
+        session: aiohttp.ClientSession,
+        *,
+        consumer: str | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.consumer = consumer or consumer_name()
+        self.tally = Tally()
+        keys = Keys(settings.key_prefix)
+        rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self.heartbeat = Heartbeat(client, keys, self.consumer)
+        self.outbox = Outbox(client, keys, clock)
+        renderer, policy = Renderer(settings), RetryPolicy(settings, rng)
+        self.workers = [
+            RouteWorker(
+                route,
+                RouteQueue(client, keys, route.name, self.consumer, clock),
+                renderer=renderer,
+                sink=Sink(route, session, settings.delivery_timeout, clock),
+                policy=policy,
+                tally=self.tally,
+                slot=SlackSlot(client, keys, route.url.get_secret_value(), clock=clock)
+                if route.type == "slack"
+                else None,
+                delivery_timeout=settings.delivery_timeout,
+                rng=rng,
+            )
+            for route in settings.routes
+        ]
+        self._routes = [route.name for route in settings.routes]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set; sends in flight then finish before it returns."""
+        await self.heartbeat.beat()
+        beating = asyncio.create_task(self.heartbeat.keep())
+        upkeep = asyncio.create_task(self._keep_up(stop))
+        try:
+            await asyncio.gather(*(worker.run(stop) for worker in self.workers))
+        finally:
+            for task in (beating, upkeep):
+                task.cancel()
+            await asyncio.gather(beating, upkeep, return_exceptions=True)
+
+    async def deliver_due(self) -> Tally:
+        """One pass: deliver everything due now on every route, then return the outcomes."""
+        await self.heartbeat.beat()
+        beating = asyncio.create_task(self.heartbeat.keep())
+        try:
+            await self.maintain(trim=True)
+            await asyncio.gather(*(worker.drain() for worker in self.workers))
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
+        await self.heartbeat.end()
+        return self.tally
+
+    async def backlog(self) -> Backlog:
+        """Retries, pending and unread deliveries of every configured route, summed."""
+        parts = [await worker.queue.backlog() for worker in self.workers]
+        return Backlog(
+            retries=sum(part.retries for part in parts),
+            pending=sum(part.pending for part in parts),
+            unread=sum(part.unread for part in parts),
+        )
+
+    async def maintain(self, *, trim: bool) -> None:
+        """Find stopped workers' deliveries; with `trim`, also record the routes served
+        and trim the outbox."""
+        for worker in self.workers:
+            await worker.queue.find_orphans()
+        if trim:
+            await self.outbox.mark_served(self._routes)
+            deleted = await self.outbox.trim(self._routes)
+            if deleted:
+                log.debug("trimmed %d delivered entries from the outbox", deleted)
+
+    async def _keep_up(self, stop: asyncio.Event) -> None:
+        next_trim = 0.0
+        while not stop.is_set():
+            trim = time.monotonic() >= next_trim
+            try:
+                await self.maintain(trim=trim)
+            except (RedisError, OSError) as exc:
+                log.warning("delivery upkeep failed: %s", exc)
+            else:
+                if trim:
+                    next_trim = time.monotonic() + TRIM_EVERY_S
+            await sleep_unless(stop, MAINTENANCE_S)

@@ -1,0 +1,108 @@
+"""A webhook receiver for delivery tests: a real aiohttp server on 127.0.0.1.
+
+It records every request (path, headers, body, arrival time) and answers each path from
+a script of planned answers, then 200 once the script runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDictProxy
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the receiver got it."""
+
+    path: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    at: float  # time.monotonic() on arrival
+
+    @property
+    def event_id(self) -> str | None:
+        """The `webhook-id` header."""
+        return self.headers.get("webhook-id")
+
+    def json(self) -> Any:
+        """The body, parsed."""
+        return json.loads(self.body)
+
+
+class Receiver:
+    """Records requests; answers each path from its planned answers, then 200."""
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self._plans: dict[str, deque[Handler]] = defaultdict(deque)
+        self._always: dict[str, Handler] = {}
+        self.release = asyncio.Event()  # stalling handlers wait for it (set at teardown)
+        self.server: TestServer | None = None
+
+    def url(self, path: str = "/hook") -> str:
+        """The URL of `path` on this receiver."""
+        assert self.server is not None
+        return str(self.server.make_url(path))
+
+    def plan(self, path: str, *answers: tuple[int, str] | tuple[int, str, dict[str, str]]) -> None:
+        """Answer the next requests to `path` with these (status, body[, headers]), in order."""
+        for answer in answers:
+            self._plans[path].append(_canned(*answer))
+
+    def always(self, path: str, status: int, body: str = "") -> None:
+        """Answer every request to `path` with this status once the plan is used up."""
+        self._always[path] = _canned(status, body)
+
+    def stall(self, path: str) -> None:
+        """Never answer requests to `path` (until teardown)."""
+
+        async def stall(_request: web.Request) -> web.Response:
+            await self.release.wait()
+            return web.Response(status=200)
+
+        self._always[path] = stall
+
+    def to(self, path: str) -> list[Seen]:
+        """The requests `path` received, in order."""
+        return [seen for seen in self.seen if seen.path == path]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.path, request.headers, body, time.monotonic()))
+        plan = self._plans[request.path]
+        handler = plan.popleft() if plan else self._always.get(request.path, _canned(200, "ok"))
+        return await handler(request)
+
+    @classmethod
+    @asynccontextmanager
+    async def serve(cls) -> AsyncIterator[Receiver]:
+        """A running receiver, stopped (stalled requests released) on exit."""
+        receiver = cls()
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", receiver._handle)
+        receiver.server = TestServer(app, host="127.0.0.1")
+        await receiver.server.start_server()
+        try:
+            yield receiver
+        finally:
+            receiver.release.set()
+            await receiver.server.close()
+
+
+def _canned(status: int, body: str = "", headers: dict[str, str] | None = None) -> Handler:
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body or None, headers=headers)
+
+    return answer
