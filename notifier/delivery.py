@@ -17,8 +17,9 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import redis.asyncio
@@ -148,19 +149,26 @@ class Heartbeat:
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, consumer: str) -> None:
         self.redis = client
         self.key = keys.heartbeat(consumer)
+        self.beating = asyncio.Event()  # set once a beat reached Redis: workers may read
 
     async def beat(self) -> None:
         """Set (or set again, if it lapsed) the heartbeat for one TTL."""
         await self.redis.set(self.key, "1", px=round(HEARTBEAT_TTL_S * 1000))
+        self.beating.set()
 
     async def keep(self) -> None:
-        """Beat every third of the TTL until cancelled."""
+        """Beat now and every third of the TTL until cancelled; Redis failures are logged."""
+        failing = False
         while True:
-            await asyncio.sleep(HEARTBEAT_TTL_S / 3)
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
-                log.warning("could not renew the delivery heartbeat: %s", exc)
+                if not failing:  # once per outage: the workers log their own failures
+                    log.warning("could not renew the delivery heartbeat: %s", exc)
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(HEARTBEAT_TTL_S / 3)
 
     async def end(self) -> None:
         """Stop proving life: the process has nothing pending any more."""
@@ -433,13 +441,15 @@ class Delivery:
             for route in settings.routes
         ]
         self._routes = [route.name for route in settings.routes]
+        self._rng = rng
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; sends in flight then finish before it returns."""
-        await self.heartbeat.beat()
         beating = asyncio.create_task(self.heartbeat.keep())
         upkeep = asyncio.create_task(self._keep_up(stop))
         try:
+            # Nothing is read before the heartbeat exists: other replicas would take it.
+            await _first(self.heartbeat.beating.wait(), stop.wait())
             await asyncio.gather(*(worker.run(stop) for worker in self.workers))
         finally:
             for task in (beating, upkeep):
@@ -480,14 +490,29 @@ class Delivery:
                 log.debug("trimmed %d delivered entries from the outbox", deleted)
 
     async def _keep_up(self, stop: asyncio.Event) -> None:
-        next_trim = 0.0
+        next_trim, failures = 0.0, 0
         while not stop.is_set():
             trim = time.monotonic() >= next_trim
             try:
                 await self.maintain(trim=trim)
             except (RedisError, OSError) as exc:
-                log.warning("delivery upkeep failed: %s", exc)
-            else:
-                if trim:
-                    next_trim = time.monotonic() + TRIM_EVERY_S
+                delay = full_jitter(failures, *REDIS_BACKOFF, self._rng)
+                failures += 1
+                log.warning("delivery upkeep failed (%s); trying again in %.1f s", exc, delay)
+                await sleep_unless(stop, delay)
+                continue
+            failures = 0
+            if trim:
+                next_trim = time.monotonic() + TRIM_EVERY_S
             await sleep_unless(stop, MAINTENANCE_S)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of `waits` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -6,6 +6,7 @@ A dead letter keeps the outbox entry it came from, so a replay sends the same ev
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ FIELD_ATTEMPTS = "attempts"
 FIELD_ERROR = "error"
 _OWN_FIELDS = (FIELD_ROUTE, FIELD_ENTRY, FIELD_ATTEMPTS, FIELD_ERROR)
 PAGE = 500
+STREAM_ID = re.compile(r"\d+-\d+")
 
 
 def dead_letter_fields(work: Work, attempts: int, error: str) -> dict[str, str]:
@@ -120,10 +122,9 @@ class DeadLetters:
 
     async def get(self, dead_letter_id: str) -> DeadLetter | None:
         """One dead letter by id, or None."""
-        try:
-            found = await self.redis.xrange(self.keys.dead_letters, dead_letter_id, dead_letter_id)
-        except redis.ResponseError:
-            return None  # not a stream id at all
+        if not STREAM_ID.fullmatch(dead_letter_id):
+            return None  # XRANGE would take a bare "1774868470250" as a range of ids
+        found = await self.redis.xrange(self.keys.dead_letters, dead_letter_id, dead_letter_id)
         return DeadLetter.from_entry(*found[0]) if found else None
 
     async def replay(self, ids: Sequence[str] | None, routes: Sequence[str]) -> Replayed:

@@ -129,7 +129,7 @@ class RouteQueue:
                 self.route, self.consumer, {self.keys.outbox: ">"}, count=count, block=block
             )
         except ResponseError as exc:
-            if str(exc).startswith("NOGROUP"):
+            if await self._no_group(exc):
                 return []  # no poll cycle has created the group yet (or Redis lost it)
             raise
         return [self._new(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
@@ -158,14 +158,19 @@ class RouteQueue:
 
     async def reclaim_idle(self, count: int, min_idle_s: float) -> list[Work]:
         """The backstop: take entries pending anywhere for longer than `min_idle_s`."""
-        reply = await self.redis.xautoclaim(
-            self.keys.outbox,
-            self.route,
-            self.consumer,
-            min_idle_time=round(min_idle_s * 1000),
-            start_id="0-0",
-            count=count,
-        )
+        try:
+            reply = await self.redis.xautoclaim(
+                self.keys.outbox,
+                self.route,
+                self.consumer,
+                min_idle_time=round(min_idle_s * 1000),
+                start_id="0-0",
+                count=count,
+            )
+        except ResponseError as exc:
+            if await self._no_group(exc):
+                return []
+            raise
         return [self._new(entry_id, fields) for entry_id, fields in reply[1] if fields]
 
     async def find_orphans(self) -> None:
@@ -174,10 +179,9 @@ class RouteQueue:
         try:
             consumers = await self.redis.xinfo_consumers(self.keys.outbox, self.route)
         except ResponseError as exc:
-            if "no such key" in str(exc).lower() or str(exc).startswith("NOGROUP"):
-                consumers = []
-            else:
+            if not await self._no_group(exc):
                 raise
+            consumers = []
         claimants = set((await self.redis.hgetall(self._claims)).values())
         names = sorted(({c["name"] for c in consumers} | claimants) - {self.consumer})
         alive = await self._alive(names)
@@ -231,7 +235,17 @@ class RouteQueue:
         group = next((g for g in groups if g["name"] == self.route), None)
         if group is None:
             return Backlog(retries, 0, 0)
-        return Backlog(retries, int(group["pending"]), int(group.get("lag") or 0))
+        unread = group.get("lag")
+        if unread is None:
+            # Redis cannot tell the lag of a group created at the end of a stream that has
+            # grown since (or is older than 7.0): count what follows its last read.
+            after = "(" + group["last-delivered-id"]
+            unread = len(await self.redis.xrange(self.keys.outbox, after, "+", count=1000))
+        return Backlog(retries, int(group["pending"]), int(unread))
+
+    async def _no_group(self, exc: ResponseError) -> bool:
+        """Whether `exc` says the outbox or this route's group does not exist (yet)."""
+        return str(exc).startswith("NOGROUP") or not await self.redis.exists(self.keys.outbox)
 
     async def _alive(self, consumers: Sequence[str]) -> dict[str, bool]:
         async with self.redis.pipeline(transaction=False) as pipe:

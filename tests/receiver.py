@@ -65,6 +65,10 @@ class Receiver:
         """Answer every request to `path` with this status once the plan is used up."""
         self._always[path] = _canned(status, body)
 
+    def handle(self, path: str, handler: Handler) -> None:
+        """Answer every request to `path` with `handler` once the plan is used up."""
+        self._always[path] = handler
+
     def stall(self, path: str) -> None:
         """Never answer requests to `path` (until teardown)."""
 
