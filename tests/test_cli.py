@@ -102,7 +102,7 @@ def test_setting_flags_work_before_and_after_the_command() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["run"], ["once"], ["dlq", "list"], ["dlq", "replay", "--all"]],
+    [["run"]],
     ids=" ".join,
 )
 def test_commands_without_machinery_say_so_and_exit_1(command: list[str]) -> None:
