@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -99,11 +99,11 @@ class Event:
     request: LipsyncRequest
     previous_status: str | None
     detected_ms: int  # unix milliseconds, when the poller saw the transition
+    id: str = field(init=False, repr=False, compare=False)  # the `webhook-id`
 
-    @property
-    def id(self) -> str:
-        """The `webhook-id` of this event."""
-        return event_id(self.request.id, self.request.status)
+    def __post_init__(self) -> None:
+        # Computed once: every attempt, log line and dead letter asks for it.
+        object.__setattr__(self, "id", event_id(self.request.id, self.request.status))
 
     @property
     def status(self) -> str:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis.asyncio
@@ -36,6 +36,7 @@ ROUTE_SEEN_WINDOW_S = 600
 REMOVED_ROUTE_GRACE_S = 7 * 86_400
 
 Source = Literal["outbox", "retry"]
+Action = Literal["done", "retry", "dead"]
 Fields = dict[str, str]
 
 
@@ -48,6 +49,17 @@ class Work:
     fields: Fields  # the outbox entry as written by the store (r, p, t)
     attempts: int  # attempts already made
     source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to do with a delivery once attempted: forget it, retry it, dead-letter it."""
+
+    work: Work
+    action: Action
+    due_s: float = 0.0  # retry: from now
+    attempts: int = 0  # retry: attempts made so far
+    dead_letter: Mapping[str, str] = field(default_factory=dict)  # dead: its fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +111,14 @@ class RouteQueue:
         self._claim_orphans = load_script(client, "claim_orphans")
         self._release_claims = load_script(client, "release_claims")
         self._drop_consumer = load_script(client, "drop_consumer")
+        self._ack_read_script = load_script(client, "ack_and_read")
+        self._settle_keys = [
+            keys.outbox,
+            self._retries,
+            self._events,
+            self._claims,
+            keys.dead_letters,
+        ]
         self.orphaned: list[str] = []  # consumers found dead with entries of this route
 
     async def take_retries(
@@ -123,16 +143,8 @@ class RouteQueue:
 
     async def take_new(self, count: int, block_s: float = 0) -> list[Work]:
         """Read up to `count` entries no consumer of the route has read, waiting `block_s`."""
-        block = round(block_s * 1000) if block_s > 0 else None
-        try:
-            reply = await self.redis.xreadgroup(
-                self.route, self.consumer, {self.keys.outbox: ">"}, count=count, block=block
-            )
-        except ResponseError as exc:
-            if await self._no_group(exc):
-                return []  # no poll cycle has created the group yet (or Redis lost it)
-            raise
-        return [self._new(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
+        _, taken = await self.settle_and_take([], count, block_s)
+        return taken
 
     async def take_orphans(self, count: int) -> list[Work]:
         """Take over up to `count` entries pending on consumers found dead by `find_orphans`."""
@@ -203,7 +215,7 @@ class RouteQueue:
     async def settle(
         self,
         work: Work,
-        action: Literal["done", "retry", "dead"],
+        action: Action,
         *,
         due_s: float = 0.0,
         attempts: int = 0,
@@ -211,15 +223,86 @@ class RouteQueue:
     ) -> bool:
         """Take `work` off where it waits and forget it, schedule it `due_s` from now with
         `attempts` made, or dead-letter it; False if another worker settled it first."""
+        [settled] = await self.settle_all(
+            [Settlement(work, action, due_s, attempts, dead_letter or {})]
+        )
+        return settled
+
+    async def settle_all(self, settlements: Sequence[Settlement]) -> list[bool]:
+        """Settle several deliveries in one round trip, each in its own atomic step."""
+        settled, _ = await self.settle_and_take(settlements, 0)
+        return settled
+
+    async def settle_and_take(
+        self, settlements: Sequence[Settlement], count: int, block_s: float = 0
+    ) -> tuple[list[bool], list[Work]]:
+        """Settle deliveries, then read up to `count` new entries (waiting up to `block_s`
+        if there is nothing to settle); whether each was settled, and the new entries.
+
+        Delivered outbox entries are acknowledged in the same round trip as the read.
+        """
+        acks = [s.work.entry_id for s in settlements if _is_plain_ack(s)]
+        settled = {
+            id(s): bool(await self._settle(keys=self._settle_keys, args=self._args(s)))
+            for s in settlements
+            if not _is_plain_ack(s)
+        }
+        if block_s > 0 and not acks:  # a script cannot block: only an idle reader waits
+            acked, read = [], await self._read_blocking(count, block_s)
+        elif acks or count:
+            acked, read = await self._ack_and_read(self.keys.outbox, acks, count)
+        else:
+            acked, read = [], []
+        replies = iter(acked)
+        flags = [settled[id(s)] if id(s) in settled else bool(next(replies)) for s in settlements]
+        return flags, [self._new(entry_id, fields) for entry_id, fields in read]
+
+    async def _ack_and_read(
+        self, outbox: str, acks: list[str], count: int
+    ) -> tuple[list[int], list[tuple[str, Fields]]]:
+        try:
+            acked, reply = await self._ack_read_script(
+                keys=[outbox], args=[self.route, self.consumer, count, *acks]
+            )
+        except ResponseError as exc:
+            if await self._no_group(exc):
+                return [0] * len(acks), []  # no poll cycle has created the group yet
+            raise
+        # Redis answers [[stream, entries]], or nil when there is nothing new; fakeredis's
+        # Lua answers [stream, entries], or an empty list.
+        if reply and isinstance(reply[0], str):
+            reply = [reply]
+        return acked, [
+            (item[0], dict(zip(item[1][::2], item[1][1::2], strict=True)))
+            for _, entries in reply or []
+            for item in entries
+        ]
+
+    async def _read_blocking(self, count: int, block_s: float) -> list[tuple[str, Fields]]:
+        try:
+            reply = await self.redis.xreadgroup(
+                self.route,
+                self.consumer,
+                {self.keys.outbox: ">"},
+                count=count,
+                block=round(block_s * 1000),
+            )
+        except ResponseError as exc:
+            if await self._no_group(exc):
+                return []
+            raise
+        return [(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
+
+    def _args(self, settlement: Settlement) -> list[Any]:
+        work, action = settlement.work, settlement.action
         args: list[Any] = [self.route, work.entry_id, work.source, action, 0, "", MAX_DEAD_LETTERS]
         if action == "retry":
-            args[4] = self.now() + round(due_s * 1000)
-            args[5] = retry_payload(work.fields, attempts)
+            args[4] = self.now() + round(settlement.due_s * 1000)
+            args[5] = retry_payload(work.fields, settlement.attempts)
         elif action == "dead":
-            for name, value in (dead_letter or {}).items():
+            for name, value in settlement.dead_letter.items():
                 args += [name, value]
-        keys = [self.keys.outbox, self._retries, self._events, self._claims, self.keys.dead_letters]
-        return bool(await self._settle(keys=keys, args=args))
+        return args
 
     async def hand_back(self, work: Work) -> bool:
         """Give `work` back, due now with its attempts unchanged (it was not attempted)."""
@@ -260,6 +343,11 @@ class RouteQueue:
     def now(self) -> int:
         """The queue's clock in unix ms, as retry scores use it."""
         return round(self._clock() * 1000)
+
+
+def _is_plain_ack(settlement: Settlement) -> bool:
+    """A delivered outbox entry: settling it is only acknowledging it."""
+    return settlement.action == "done" and settlement.work.source == "outbox"
 
 
 def _entries(reply: Any) -> list[tuple[str, Fields]]:

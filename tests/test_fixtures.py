@@ -67,6 +67,7 @@ def test_without_redis_server_the_real_tests_skip_only_outside_ci(
 ) -> None:
     pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
     pytester.makepyfile(samples=(Path(__file__).parent / "samples.py").read_text())
+    pytester.makepyfile(receiver=(Path(__file__).parent / "receiver.py").read_text())
     pytester.makeini(
         textwrap.dedent("""
             [pytest]
