@@ -34,6 +34,7 @@ from notifier.pacing import SlackSlot
 from notifier.queue import Backlog, Outbox, RouteQueue, Settlement, Work
 from notifier.render import Renderer, RenderError
 from notifier.sinks import Sink
+from notifier.tasks import running
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,10 @@ class Heartbeat:
         await self.redis.set(self.key, "1", px=round(HEARTBEAT_TTL_S * 1000))
         self.beating.set()
 
-    async def keep(self) -> None:
-        """Beat now and every third of the TTL until cancelled; Redis failures are logged."""
+    async def keep(self, stop: asyncio.Event) -> None:
+        """Beat now and every third of the TTL until `stop` is set; failures are logged."""
         failing = False
-        while True:
+        while not stop.is_set():
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
@@ -172,7 +173,7 @@ class Heartbeat:
                 failing = True
             else:
                 failing = False
-            await asyncio.sleep(HEARTBEAT_TTL_S / 3)
+            await sleep_unless(stop, HEARTBEAT_TTL_S / 3)
 
     async def end(self) -> None:
         """Stop proving life: the process has nothing pending any more."""
@@ -242,9 +243,8 @@ class RouteWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, then wait for the sends in flight."""
-        settler = asyncio.create_task(self._settle_forever())
         failures, next_retry_check = 0, 0.0
-        try:
+        async with running(self._settle_forever, wake=self._to_settle):
             while not stop.is_set():
                 await self._room()
                 if await self._wait_for_slot(stop):
@@ -268,15 +268,11 @@ class RouteWorker:
                 if check_retries and not any(work.source == "retry" for work in taken):
                     next_retry_check = time.monotonic() + RETRY_CHECK_S
             await self._idle()
-        finally:
-            settler.cancel()
-            await asyncio.gather(settler, return_exceptions=True)
 
     async def drain(self) -> None:
         """Deliver everything due now (retries due, orphans, unread entries), then return."""
-        settler = asyncio.create_task(self._settle_forever())
         until, check_retries = self.queue.now(), True
-        try:
+        async with running(self._settle_forever, wake=self._to_settle):
             while True:
                 await self._room()
                 await self._wait_for_slot(None)
@@ -288,9 +284,6 @@ class RouteWorker:
                 check_retries = sum(work.source == "retry" for work in taken) == count
                 await self._start_all(taken)
             await self._idle()
-        finally:
-            settler.cancel()
-            await asyncio.gather(settler, return_exceptions=True)
 
     def _count(self) -> int:
         """How many deliveries to read now: one at a time for Slack (paced), else the room."""
@@ -399,12 +392,14 @@ class RouteWorker:
                 await self._slot.defer(min(result.after, MAX_RETRY_AFTER_S))
         return Attempted(work, event, self._policy.decide(attempt, result), attempt)
 
-    async def _settle_forever(self) -> None:
+    async def _settle_forever(self, stop: asyncio.Event) -> None:
         """Record outcomes the reader has not taken along with its next read (it is
         waiting for a Slack slot, for new entries, or for Redis to catch up)."""
         while True:
             await self._to_settle.wait()
             self._to_settle.clear()
+            if stop.is_set():
+                return
             await asyncio.sleep(SETTLE_DELAY_S)  # the reader, if it is awake, goes first
             batch, self._attempted = self._attempted, []
             if batch:
@@ -536,16 +531,10 @@ class Delivery:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; sends in flight then finish before it returns."""
-        beating = asyncio.create_task(self.heartbeat.keep())
-        upkeep = asyncio.create_task(self._keep_up(stop))
-        try:
+        async with running(self.heartbeat.keep), running(self._keep_up):
             # Nothing is read before the heartbeat exists: other replicas would take it.
             await _first(self.heartbeat.beating.wait(), stop.wait())
             await asyncio.gather(*(worker.run(stop) for worker in self.workers))
-        finally:
-            for task in (beating, upkeep):
-                task.cancel()
-            await asyncio.gather(beating, upkeep, return_exceptions=True)
         # Anything still pending here (an outcome Redis refused) is taken over at once.
         with contextlib.suppress(RedisError, OSError):
             await self.heartbeat.end()
@@ -553,13 +542,9 @@ class Delivery:
     async def deliver_due(self) -> Tally:
         """One pass: deliver everything due now on every route, then return the outcomes."""
         await self.heartbeat.beat()
-        beating = asyncio.create_task(self.heartbeat.keep())
-        try:
+        async with running(self.heartbeat.keep):
             await self.maintain(trim=True)
             await asyncio.gather(*(worker.drain() for worker in self.workers))
-        finally:
-            beating.cancel()
-            await asyncio.gather(beating, return_exceptions=True)
         await self.heartbeat.end()
         return self.tally
 

@@ -15,6 +15,7 @@ import uuid
 import redis.asyncio
 from redis.exceptions import RedisError
 
+from notifier.backoff import sleep_unless
 from notifier.keys import Keys
 from notifier.store import load_script
 
@@ -65,10 +66,12 @@ class Lease:
             remaining_ms = self.ttl_ms
         return min(max(0, remaining_ms), self.ttl_ms) / 1000
 
-    async def keep_renewed(self) -> None:
-        """Renew every third of the TTL until cancelled or until the lease is lost."""
-        while True:
-            await asyncio.sleep(self.ttl_ms / 3000)
+    async def keep_renewed(self, stop: asyncio.Event) -> None:
+        """Renew every third of the TTL until `stop` is set or the lease is lost."""
+        while not stop.is_set():
+            await sleep_unless(stop, self.ttl_ms / 3000)
+            if stop.is_set():
+                return
             try:
                 if not await self.renew():
                     log.warning("lost the polling lease to another replica; standing by")

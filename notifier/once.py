@@ -18,6 +18,7 @@ from notifier.delivery import Delivery, Tally, sink_session
 from notifier.poller import CycleResult, Poller
 from notifier.queue import Backlog
 from notifier.store import StoreRefused, open_redis
+from notifier.tasks import running
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,10 @@ async def _cycle(poller: Poller) -> CycleResult:
                 f"another notifier is polling namespace {poller.settings.key_prefix!r}; "
                 f"`once` is not needed while `notifier run` is running"
             )
-    renewer = asyncio.create_task(lease.keep_renewed())
     try:
-        return await poller.cycle()
+        async with running(lease.keep_renewed):
+            return await poller.cycle()
     finally:
-        renewer.cancel()
-        await asyncio.gather(renewer, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
             await lease.release()
 

@@ -25,6 +25,7 @@ from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
 from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
+from notifier.tasks import running
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,10 @@ class Poller:
             if not held:
                 await sleep_unless(stop, await self._standby_wait())
                 continue
-            renewer = asyncio.create_task(self.lease.keep_renewed())
             try:
-                await self._poll_while_held(stop)
+                async with running(self.lease.keep_renewed):
+                    await self._poll_while_held(stop)
             finally:
-                renewer.cancel()
-                await asyncio.gather(renewer, return_exceptions=True)
                 with contextlib.suppress(RedisError, OSError):
                     await self.lease.release()
 

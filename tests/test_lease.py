@@ -10,6 +10,7 @@ import redis.asyncio
 
 from notifier.keys import Keys
 from notifier.lease import Lease, lease_ttl
+from notifier.tasks import running
 
 KEYS = Keys("notifier")
 TTL = 0.4
@@ -55,11 +56,10 @@ async def test_renewing_a_lost_lease_says_so(redis_client: redis.asyncio.Redis) 
 async def test_a_renewed_lease_outlives_its_ttl(redis_client: redis.asyncio.Redis) -> None:
     lease, standby = Lease(redis_client, KEYS, TTL), Lease(redis_client, KEYS, TTL)
     await lease.acquire()
-    renewer = asyncio.create_task(lease.keep_renewed())
-    await asyncio.sleep(TTL * 3)
-    assert not await standby.acquire()
-    assert lease.held
-    renewer.cancel()
+    async with running(lease.keep_renewed):
+        await asyncio.sleep(TTL * 3)
+        assert not await standby.acquire()
+        assert lease.held
 
 
 async def test_the_renewal_task_ends_when_the_lease_is_lost(
@@ -68,8 +68,21 @@ async def test_the_renewal_task_ends_when_the_lease_is_lost(
     lease = Lease(redis_client, KEYS, TTL)
     await lease.acquire()
     await redis_client.set(KEYS.lease, "someone-else")
-    await asyncio.wait_for(lease.keep_renewed(), timeout=TTL * 2)
+    await asyncio.wait_for(lease.keep_renewed(asyncio.Event()), timeout=TTL * 2)
     assert not lease.held
+
+
+async def test_the_renewal_task_ends_soon_after_it_is_told_to_stop(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    lease = Lease(redis_client, KEYS, TTL)
+    await lease.acquire()
+    stop = asyncio.Event()
+    renewer = asyncio.create_task(lease.keep_renewed(stop))
+    await asyncio.sleep(TTL)  # it has renewed at least once
+    stop.set()
+    await asyncio.wait_for(renewer, timeout=0.1)
+    assert lease.held  # stopping renewal is not giving the lease up
 
 
 async def test_a_standby_takes_over_within_one_ttl_when_the_holder_dies(
