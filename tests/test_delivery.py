@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,18 @@ from conftest import RedisServer
 from receiver import Receiver, Seen
 from samples import SIMULATOR_KEY
 
-SECRET = "whsec_" + base64.b64encode(b"delivery-test-signing-key").decode()
+SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-delivery-signing-key").decode()
+# A Slack webhook URL's path is its credential.
+SLACK_PATH = "/services/T0TEAM/B0HOOK/ZZLEAK-slack-token"
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test here also checks that no log line holds a secret or a Slack URL's path."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    for secret in (SECRET, "ZZLEAK", SIMULATOR_KEY):
+        assert secret not in caplog.text
 
 
 @pytest.fixture(autouse=True)
@@ -399,28 +411,28 @@ async def test_sends_in_flight_never_exceed_max_concurrency(rig: Rig) -> None:
 
 async def test_slack_messages_to_one_url_go_one_per_second(real_rig: Rig) -> None:
     rig = real_rig  # timing tests: one backend is enough
-    settings = rig.settings(slack_webhook_url=rig.receiver.url("/slack"))
+    settings = rig.settings(slack_webhook_url=rig.receiver.url(SLACK_PATH))
     await rig.transitions(settings, completed=3)
 
     await rig.delivery(settings).deliver_due()
 
-    arrivals = [seen.at for seen in rig.receiver.to("/slack")]
+    arrivals = [seen.at for seen in rig.receiver.to(SLACK_PATH)]
     assert len(arrivals) == 3
     assert all(later - earlier >= 0.95 for earlier, later in itertools.pairwise(arrivals))
 
 
 async def test_a_slack_retry_after_holds_the_url_for_every_message(real_rig: Rig) -> None:
     rig = real_rig  # timing tests: one backend is enough
-    settings = rig.settings(slack_webhook_url=rig.receiver.url("/slack"))
+    settings = rig.settings(slack_webhook_url=rig.receiver.url(SLACK_PATH))
     await rig.transitions(settings, completed=2)
-    rig.receiver.plan("/slack", (429, "rate limited", {"retry-after": "2"}))
+    rig.receiver.plan(SLACK_PATH, (429, "rate limited", {"retry-after": "2"}))
 
     delivery = rig.delivery(settings)
     await run_until(
         delivery, lambda: delivery.tally.by_route.get("slack", {}).get("delivered") == 2
     )
 
-    first, *rest = rig.receiver.to("/slack")
+    first, *rest = rig.receiver.to(SLACK_PATH)
     assert len(rest) == 2
     assert all(seen.at - first.at >= 1.95 for seen in rest)
 
