@@ -1,11 +1,14 @@
 """Measure deliveries per second through the full path against a bare aiohttp POST loop.
 
     python bench/delivery.py [--deliveries 5000] [--runs 3] [--concurrency 4]
+                             [--receiver-latency-ms 0]
 
 The script starts its own redis-server (a free port on 127.0.0.1, persistence off, a
 temporary directory) and a receiver in another process (this script with
-`--serve-receiver PORT`: an aiohttp app answering 200 "ok" to every POST /hook), and
-stops both at the end, Ctrl-C included.
+`--serve-receiver PORT`: an aiohttp app answering 200 "ok" to every POST /hook, after
+`--receiver-latency-ms`, the round trip a real endpoint takes), and stops both at the
+end, Ctrl-C included. With no latency the receiver answers at once and the figures
+compare CPU per delivery, the worst case for the full path.
 
 Full path: one webhook route to the receiver, signed with a whsec_ secret, with
 `max_concurrency` = `--concurrency`, configured through a TOML [[routes]] file and
