@@ -1,10 +1,8 @@
-"""Delivery workers: read each route's deliveries, render, send, and settle the outcome.
+"""Delivery in one process: a worker per route, their heartbeat and their upkeep.
 
-One worker per route, so a slow or dead endpoint only ever holds its own route's slots.
-A worker reads a delivery only when it can send it now: the route is below its
-`max_concurrency` and, for Slack, the URL's pacing slot is free. Every outcome goes
-through the one classifier (`sinks.classify`) and then `RetryPolicy`, and is settled in
-Redis in one atomic step.
+One worker per route (`worker.py`), so a slow or dead endpoint only ever holds its own
+route's slots. The process proves it is alive with a heartbeat; its upkeep takes over
+the deliveries of processes whose heartbeat is gone and trims the outbox.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -26,15 +23,15 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from notifier.backoff import full_jitter, sleep_unless
-from notifier.config import Route, Settings
-from notifier.dlq import dead_letter_fields
+from notifier.config import Settings
 from notifier.keys import Keys
-from notifier.models import Delivered, Event, MalformedEvent, Permanent, Retry, SendResult
 from notifier.pacing import SlackSlot
-from notifier.queue import Backlog, Outbox, RouteQueue, Settlement, Work
-from notifier.render import Renderer, RenderError
+from notifier.queue import Backlog, Outbox, RouteQueue
+from notifier.render import Renderer
+from notifier.retry import RetryPolicy
 from notifier.sinks import Sink
 from notifier.tasks import running
+from notifier.worker import REDIS_BACKOFF, RouteWorker, Tally
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +41,6 @@ HEARTBEAT_TTL_S = 5.0
 # How often each process looks for stopped workers, and trims the outbox.
 MAINTENANCE_S = 1.0
 TRIM_EVERY_S = 60.0
-# How often the idle-time backstop (XAUTOCLAIM) runs, and its floor.
-BACKSTOP_EVERY_S = 10.0
-MIN_BACKSTOP_IDLE_S = 30.0
-# A blocking read of new entries waits at most this long, so retries that fall due and
-# orphans are seen soon after.
-BLOCK_S = 0.5
-RETRY_CHECK_S = 0.25
-# A Retry-After beyond a day is taken as a receiver's mistake rather than an instruction.
-MAX_RETRY_AFTER_S = 86_400.0
-# After reading a Slack delivery, a worker waits this long at most for the URL's slot
-# (another replica may have taken it meanwhile); longer, and it schedules the delivery.
-SLACK_HOLD_S = 1.5
-# Backoff of a worker whose Redis calls fail, and of settling one outcome.
-REDIS_BACKOFF = (0.5, 30.0)
-SETTLE_TRIES = 4
-# Outcomes waiting to be recorded, per send slot, before a route stops reading more:
-# bounds memory while Redis is slow.
-UNSETTLED_PER_SLOT = 4
-SETTLE_DELAY_S = 0.001
 
 
 def consumer_name() -> str:
@@ -74,78 +52,6 @@ def sink_session() -> aiohttp.ClientSession:
     """The HTTP session of the sinks: no connection limit of its own, since each route
     bounds its sends in flight, and one route must not wait for another's connections."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-
-
-def backstop_idle_s(delivery_timeout: float) -> float:
-    """Idle time after which a pending delivery is taken from a consumer that still beats."""
-    return max(3 * delivery_timeout, MIN_BACKSTOP_IDLE_S)
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """Delivered, or not meant for this route: forget it."""
-
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Later:
-    """Try again in `delay_s`."""
-
-    delay_s: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class GiveUp:
-    """Dead-letter it."""
-
-    reason: str
-
-
-Decision = Done | Later | GiveUp
-
-
-class RetryPolicy:
-    """When to try a failed delivery again, and when to give up."""
-
-    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
-        self.max_attempts = settings.retry_max_attempts
-        self.base = settings.retry_base_delay
-        self.cap = settings.retry_max_delay
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-
-    def decide(self, attempt: int, result: SendResult) -> Decision:
-        """The decision after attempt number `attempt` (1 for the first) ended in `result`."""
-        match result:
-            case Delivered(status=status):
-                return Done(f"delivered (HTTP {status})")
-            case Permanent(reason=reason):
-                return GiveUp(reason)
-            case Retry(after=after, reason=reason):
-                if attempt >= self.max_attempts:
-                    return GiveUp(f"{reason} (gave up after {attempt} attempts)")
-                delay = full_jitter(attempt - 1, self.base, self.cap, self._rng)
-                if after is not None:
-                    delay = max(delay, min(after, MAX_RETRY_AFTER_S))
-                return Later(delay, reason)
-
-
-@dataclass
-class Tally:
-    """Outcomes settled by this process since it started."""
-
-    delivered: int = 0
-    retried: int = 0
-    dead: int = 0
-    skipped: int = 0  # events the route does not take (statuses, reference_id)
-    by_route: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def count(self, route: str, outcome: str) -> None:
-        """Count one settled outcome of `route`."""
-        setattr(self, outcome, getattr(self, outcome) + 1)
-        per_route = self.by_route.setdefault(route, {})
-        per_route[outcome] = per_route.get(outcome, 0) + 1
 
 
 class Heartbeat:
@@ -178,316 +84,6 @@ class Heartbeat:
     async def end(self) -> None:
         """Stop proving life: the process has nothing pending any more."""
         await self.redis.delete(self.key)
-
-
-@dataclass(frozen=True, slots=True)
-class Attempted:
-    """A delivery attempted (or found not to be for its route), waiting to be settled."""
-
-    work: Work
-    event: Event | None  # None: the outbox entry was not an event
-    decision: Decision
-    attempt: int
-    skipped: bool = False
-
-    def settlement(self) -> Settlement:
-        """What to record in Redis for this outcome."""
-        match self.decision:
-            case Done():
-                return Settlement(self.work, "done")
-            case Later(delay_s=delay):
-                return Settlement(self.work, "retry", due_s=delay, attempts=self.attempt)
-            case GiveUp(reason=reason):
-                letter = dead_letter_fields(self.work, self.attempt, reason)
-                return Settlement(self.work, "dead", dead_letter=letter)
-
-
-class RouteWorker:
-    """Sends one route's deliveries, at most `max_concurrency` at a time.
-
-    A reader takes deliveries while fewer than `max_concurrency` are being sent, one task
-    sends each, and a settler records the outcomes that piled up meanwhile in one round
-    trip. Recording is off the sending path: a slot frees when its send ends, and under
-    load the settler records several outcomes per round trip.
-    """
-
-    def __init__(
-        self,
-        route: Route,
-        queue: RouteQueue,
-        *,
-        renderer: Renderer,
-        sink: Sink,
-        policy: RetryPolicy,
-        tally: Tally,
-        slot: SlackSlot | None,
-        delivery_timeout: float,
-        rng: random.Random,
-    ) -> None:
-        self.route = route
-        self.queue = queue
-        self._renderer = renderer
-        self._sink = sink
-        self._policy = policy
-        self._tally = tally
-        self._slot = slot
-        self._visibility_s = backstop_idle_s(delivery_timeout)
-        self._rng = rng
-        self._sending = 0  # deliveries read and not yet attempted
-        self._unsettled = 0  # attempted, outcome not yet recorded in Redis
-        self._attempted: list[Attempted] = []  # outcomes waiting for the settler
-        self._to_settle = asyncio.Event()
-        self._freed = asyncio.Event()
-        self._next_backstop = 0.0  # the backstop runs once at start, then periodically
-        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set, then wait for the sends in flight."""
-        failures, next_retry_check = 0, 0.0
-        async with running(self._settle_forever, wake=self._to_settle):
-            while not stop.is_set():
-                await self._room()
-                if await self._wait_for_slot(stop):
-                    continue
-                check_retries = time.monotonic() >= next_retry_check
-                try:
-                    taken = await self._take(BLOCK_S, check_retries=check_retries)
-                    await self._start_all(taken)
-                except (RedisError, OSError) as exc:
-                    delay = full_jitter(failures, *REDIS_BACKOFF, self._rng)
-                    failures += 1
-                    log.warning(
-                        "route %s: Redis failed (%s); trying again in %.1f s",
-                        self.route.name,
-                        exc,
-                        delay,
-                    )
-                    await sleep_unless(stop, delay)
-                    continue
-                failures = 0
-                if check_retries and not any(work.source == "retry" for work in taken):
-                    next_retry_check = time.monotonic() + RETRY_CHECK_S
-            await self._idle()
-
-    async def drain(self) -> None:
-        """Deliver everything due now (retries due, orphans, unread entries), then return."""
-        until, check_retries = self.queue.now(), True
-        async with running(self._settle_forever, wake=self._to_settle):
-            while True:
-                await self._room()
-                await self._wait_for_slot(None)
-                count = self._count()
-                taken = await self._take(0, check_retries=check_retries, retries_until=until)
-                if not taken:
-                    break
-                # Fewer retries than asked for: none is left due by `until`.
-                check_retries = sum(work.source == "retry" for work in taken) == count
-                await self._start_all(taken)
-            await self._idle()
-
-    def _count(self) -> int:
-        """How many deliveries to read now: one at a time for Slack (paced), else the room."""
-        return 1 if self._slot else self.route.max_concurrency - self._sending
-
-    async def _room(self) -> None:
-        """Wait for a free send slot, and for Redis to keep up with recording outcomes."""
-        most = self.route.max_concurrency
-        if self._sending < most and self._unsettled < UNSETTLED_PER_SLOT * most:
-            return
-        while self._sending >= most or self._unsettled >= UNSETTLED_PER_SLOT * most:
-            self._freed.clear()
-            await self._freed.wait()
-        # Sends that end together free their slots together: one read takes them all.
-        await asyncio.sleep(0)
-
-    async def _idle(self) -> None:
-        """Wait until every delivery read is sent and its outcome recorded."""
-        while self._sending or self._unsettled:
-            self._freed.clear()
-            await self._freed.wait()
-
-    async def _wait_for_slot(self, stop: asyncio.Event | None) -> bool:
-        """For Slack, wait until the URL's slot is free before reading; True if it waited."""
-        if self._slot is None or (wait := await self._slot.free_in()) <= 0:
-            return False
-        await sleep_unless(stop, wait)
-        return True
-
-    async def _take(
-        self, block_s: float, *, check_retries: bool, retries_until: int | None = None
-    ) -> list[Work]:
-        """Up to as many deliveries as can be sent now: due retries first, then those of
-        stopped workers, then (rarely) long-idle ones, then new entries."""
-        count = self._count()
-        queue, taken = self.queue, []
-        if check_retries:
-            taken += await queue.take_retries(count, self._visibility_s, until=retries_until)
-        if len(taken) < count and queue.orphaned:
-            taken += await queue.take_orphans(count - len(taken))
-        if len(taken) < count and time.monotonic() >= self._next_backstop:
-            self._next_backstop = time.monotonic() + BACKSTOP_EVERY_S
-            taken += await queue.reclaim_idle(count - len(taken), self._visibility_s)
-        if len(taken) < count:
-            # Outcomes waiting to be recorded go in the same round trip as the read.
-            batch, self._attempted = self._attempted, []
-            try:
-                settled, new = await queue.settle_and_take(
-                    [item.settlement() for item in batch],
-                    count - len(taken),
-                    0 if taken or batch else block_s,
-                )
-            except BaseException:
-                self._attempted[:0] = batch  # the settler records them, or the next read
-                self._to_settle.set()
-                raise
-            self._settled(batch, settled)
-            taken += new
-        return taken
-
-    async def _start_all(self, taken: list[Work]) -> None:
-        for work in taken:
-            if self._slot is not None and not await self._take_slot(self._slot, work):
-                continue
-            self._sending += 1
-            self._tasks.add(task := asyncio.create_task(self._deliver(work)))
-            task.add_done_callback(self._tasks.discard)
-
-    async def _take_slot(self, slot: SlackSlot, work: Work) -> bool:
-        """Take the Slack slot for `work`, or schedule `work` for when it is free."""
-        while (wait := await slot.take()) > 0:
-            if wait > SLACK_HOLD_S:
-                await self.queue.settle(work, "retry", due_s=wait, attempts=work.attempts)
-                return False
-            await asyncio.sleep(wait)
-        return True
-
-    async def _deliver(self, work: Work) -> None:
-        """Attempt one delivery and hand its outcome to the settler; never raises."""
-        attempt = work.attempts + 1
-        try:
-            outcome = await self._attempt(work, attempt)
-        except Exception as exc:  # a bug must not keep the slot: try the delivery again later
-            log.exception("route %s: delivery of entry %s failed", self.route.name, work.entry_id)
-            outcome = Attempted(work, None, Later(0.0, f"internal error: {exc!r}"), attempt)
-        self._attempted.append(outcome)
-        self._sending -= 1
-        self._unsettled += 1
-        self._freed.set()
-        self._to_settle.set()
-
-    async def _attempt(self, work: Work, attempt: int) -> Attempted:
-        try:
-            event = Event.from_fields(work.fields)
-        except MalformedEvent as exc:
-            return Attempted(work, None, GiveUp(str(exc)), attempt)
-        if not self.route.accepts(event.status, event.request.reference_id):
-            return Attempted(work, event, Done("not for this route"), attempt, skipped=True)
-        try:
-            message = self._renderer.render(self.route, event)
-        except RenderError as exc:
-            return Attempted(work, event, GiveUp(f"could not render: {exc}"), attempt)
-        result = await self._sink.send(message)
-        if self._slot is not None and isinstance(result, Retry) and result.after:
-            with contextlib.suppress(RedisError, OSError):
-                await self._slot.defer(min(result.after, MAX_RETRY_AFTER_S))
-        return Attempted(work, event, self._policy.decide(attempt, result), attempt)
-
-    async def _settle_forever(self, stop: asyncio.Event) -> None:
-        """Record outcomes the reader has not taken along with its next read (it is
-        waiting for a Slack slot, for new entries, or for Redis to catch up)."""
-        while True:
-            await self._to_settle.wait()
-            self._to_settle.clear()
-            if stop.is_set():
-                return
-            await asyncio.sleep(SETTLE_DELAY_S)  # the reader, if it is awake, goes first
-            batch, self._attempted = self._attempted, []
-            if batch:
-                await self._settle(batch)
-
-    async def _settle(self, batch: list[Attempted]) -> None:
-        """Record a batch of outcomes, trying a few times."""
-        for failures in range(SETTLE_TRIES):
-            try:
-                settled = await self.queue.settle_all([item.settlement() for item in batch])
-                break
-            except (RedisError, OSError) as exc:
-                if failures == SETTLE_TRIES - 1:
-                    self._unrecorded(batch, exc)
-                    return
-                await asyncio.sleep(full_jitter(failures, *REDIS_BACKOFF, self._rng))
-        self._settled(batch, settled)
-
-    def _unrecorded(self, batch: list[Attempted], exc: Exception) -> None:
-        """Redis refused the outcomes: the deliveries stay pending here, and the backstop
-        sends them again (same webhook-id)."""
-        self._unsettled -= len(batch)
-        self._freed.set()
-        log.error(
-            "route %s: could not record the outcome of %d deliveries (%s); they will be "
-            "sent again later with the same webhook-id",
-            self.route.name,
-            len(batch),
-            exc,
-        )
-
-    def _settled(self, batch: list[Attempted], settled: list[bool]) -> None:
-        """Count and log outcomes once recorded."""
-        if not batch:
-            return
-        self._unsettled -= len(batch)
-        self._freed.set()
-        for item, recorded in zip(batch, settled, strict=True):
-            if not recorded:
-                log.info(
-                    "route %s: entry %s was settled by another worker",
-                    self.route.name,
-                    item.work.entry_id,
-                )
-            elif item.skipped:
-                self._tally.count(self.route.name, "skipped")
-            else:
-                self._tally.count(self.route.name, _outcome(item.decision))
-                _log_outcome(self.route, item)
-
-
-def _outcome(decision: Decision) -> str:
-    return {Done: "delivered", Later: "retried", GiveUp: "dead"}[type(decision)]
-
-
-def _log_outcome(route: Route, item: Attempted) -> None:
-    """One line per delivery outcome, naming the event, the request and its reference."""
-    level = {Done: logging.INFO, Later: logging.WARNING, GiveUp: logging.ERROR}
-    if not log.isEnabledFor(level[type(item.decision)]):
-        return
-    if item.event is None:
-        subject = f"outbox entry {item.work.entry_id}"
-    else:
-        request = item.event.request
-        subject = (
-            f"event {item.event.id} (request {request.id}, reference_id "
-            f"{request.reference_id or '-'}, {item.event.status})"
-        )
-    match item.decision:
-        case Done(detail=detail):
-            log.info("route %s: %s %s, attempt %d", route.name, subject, detail, item.attempt)
-        case Later(delay_s=delay, reason=reason):
-            log.warning(
-                "route %s: %s failed (%s), attempt %d; trying again in %.1f s",
-                route.name,
-                subject,
-                reason,
-                item.attempt,
-                delay,
-            )
-        case GiveUp(reason=reason):
-            log.error(
-                "route %s: %s dead-lettered after %d attempts: %s (see notifier dlq list)",
-                route.name,
-                subject,
-                item.attempt,
-                reason,
-            )
 
 
 class Delivery:
