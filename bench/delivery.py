@@ -36,8 +36,6 @@ import asyncio
 import base64
 import itertools
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +44,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -57,9 +54,10 @@ from aiohttp import web
 from notifier.config import Settings, load_settings
 from notifier.delivery import Delivery, sink_session
 from notifier.keys import Keys
-from notifier.models import Event, LipsyncRequest
 from notifier.render import Renderer
 from notifier.sinks import Sink
+
+from common import events, free_port, redis_server, stop, wait_until
 
 TARGET_RATIO = 0.5
 ROUTE = "webhook"
@@ -68,7 +66,7 @@ HOOK_PATH = "/hook"
 COUNT_PATH = "/count"
 XADD_BATCH = 1000
 WARM_UP_DELIVERIES = 500
-PASSES = itertools.count()  # numbers each full-path pass: its key prefix and request ids
+PASSES = itertools.count()  # numbers each full-path pass: its own key prefix
 
 
 # The receiver: runs in its own process (`--serve-receiver PORT`).
@@ -99,47 +97,6 @@ def serve_receiver(port: int, latency_ms: float) -> None:
 # The two processes the benchmark talks to.
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, never the system Redis's 6379."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port != 6379:
-            return port
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate a child process, killing it if it does not exit within 10 s."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def wait_until(process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
-    """Return once `ready()` holds; raise if the process exits or 10 s pass first."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode}")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not answer within 10 s")
-
-
-def redis_answers(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_connect_timeout=0.2) as client:
-            return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def receiver_answers(port: int) -> bool:
     try:
         return received(port) >= 0
@@ -155,67 +112,27 @@ def received(port: int) -> int:
 
 
 @contextmanager
-def servers(workdir: Path, latency_ms: float) -> Iterator[tuple[int, int]]:
+def servers(latency_ms: float) -> Iterator[tuple[int, int]]:
     """A redis-server (persistence off) and the receiver; yields their ports."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed; install it to run this benchmark")
-    redis_port, receiver_port = free_port(), free_port()
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        processes.append(
-            subprocess.Popen(
-                [
-                    binary,
-                    *("--port", str(redis_port), "--bind", "127.0.0.1"),
-                    *("--save", "", "--appendonly", "no"),
-                    *("--dir", str(workdir), "--logfile", str(workdir / "redis.log")),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+    with redis_server() as redis_port:
+        receiver_port = free_port()
+        receiver = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                *("--serve-receiver", str(receiver_port)),
+                *("--receiver-latency-ms", str(latency_ms)),
+            ],
+            stdout=subprocess.DEVNULL,
         )
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    *("--serve-receiver", str(receiver_port)),
-                    *("--receiver-latency-ms", str(latency_ms)),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-        )
-        wait_until(processes[0], lambda: redis_answers(redis_port), "redis-server")
-        wait_until(processes[1], lambda: receiver_answers(receiver_port), "the receiver")
-        yield redis_port, receiver_port
-    finally:
-        for process in processes:
-            stop(process)
+        try:
+            wait_until(receiver, lambda: receiver_answers(receiver_port), "the receiver")
+            yield redis_port, receiver_port
+        finally:
+            stop(receiver)
 
 
 # The contenders.
-
-
-def make_events(count: int, run: str) -> list[Event]:
-    """`count` distinct events of requests entering completed, as the poller queues them."""
-    created = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
-    return [
-        Event(
-            LipsyncRequest(
-                id=f"6f82a2d8-a6d4-4e8a-{run}-{n:012d}",
-                status="completed",
-                reference_id=f"order-{n // 300}-japanese-dub",
-                created_at=created,
-                started_at=created + timedelta(seconds=4),
-                finished_at=created + timedelta(seconds=65 + n % 50),
-                output_url=f"https://storage.chamelaion.com/output/{run}/{n}.mp4",
-            ),
-            previous_status="processing",
-            detected_ms=1_790_000_000_000 + n,
-        )
-        for n in range(count)
-    ]
 
 
 def make_settings(workdir: Path, receiver_url: str, concurrency: int, prefix: str) -> Settings:
@@ -241,10 +158,10 @@ async def full_path(
     settings = make_settings(workdir, receiver_url, concurrency, f"bench-delivery-{run}")
     outbox = Keys(settings.key_prefix).outbox
     await client.xgroup_create(outbox, ROUTE, "0", mkstream=True)
-    events = make_events(count, run)
+    queued = events(count, "completed")
     for start in range(0, count, XADD_BATCH):
         async with client.pipeline(transaction=False) as pipe:
-            for event in events[start : start + XADD_BATCH]:
+            for event in queued[start : start + XADD_BATCH]:
                 pipe.xadd(outbox, event.to_fields())
             await pipe.execute()
     async with sink_session() as session:
@@ -291,7 +208,7 @@ async def measure(
     # The baseline's body and headers: one event rendered and signed once.
     settings = make_settings(workdir, url, args.concurrency, "bench-delivery-baseline")
     (route,) = settings.routes
-    message = Renderer(settings).render(route, make_events(1, "base")[0])
+    message = Renderer(settings).render(route, events(1, "completed")[0])
     async with aiohttp.ClientSession() as session:
         headers = Sink(route, session, settings.delivery_timeout).headers(message)
 
@@ -346,7 +263,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
             workdir = Path(tmp)
-            with servers(workdir, args.receiver_latency_ms) as (redis_port, receiver_port):
+            with servers(args.receiver_latency_ms) as (redis_port, receiver_port):
                 best, version, body_bytes = asyncio.run(
                     measure(args, workdir, redis_port, receiver_port)
                 )

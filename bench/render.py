@@ -17,42 +17,17 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
 from notifier.config import load_settings
-from notifier.models import Event, LipsyncRequest
+from notifier.models import Event
 from notifier.render import Renderer
 from notifier.sinks import Sink
 
+from common import events
+
 SECRET = "whsec_" + base64.b64encode(b"bench-signing-key-0123456789abcdef").decode()
-
-
-def events(count: int, status: str) -> list[Event]:
-    """`count` distinct events entering `status`."""
-    created = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
-    return [
-        Event(
-            LipsyncRequest(
-                id=f"6f82a2d8-a6d4-4e8a-a0fa-{n:012d}",
-                status=status,
-                reference_id=f"order-{n // 300}-japanese-dub",
-                created_at=created,
-                started_at=created + timedelta(seconds=4),
-                finished_at=created + timedelta(seconds=65 + n % 50),
-                output_url=f"https://storage.chamelaion.com/output/{n}.mp4"
-                if status == "completed"
-                else None,
-                error_message="Face tracking lost in frames 120-480; " * 5
-                if status == "failed"
-                else None,
-            ),
-            previous_status="processing",
-            detected_ms=1_790_000_000_000 + n,
-        )
-        for n in range(count)
-    ]
 
 
 def by_hand(event: Event) -> bytes:

@@ -22,16 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import redis
 import redis.asyncio
@@ -41,69 +36,14 @@ from notifier.keys import STATE_BUCKETS
 from notifier.models import LipsyncRequest
 from notifier.store import Epoch, Store, load_script
 
+from common import redis_server
+
 TARGET_BYTES = 120  # per tracked request, at 100,000 requests
 TARGET_AT = 100_000
 TOKEN = "bench-lease-token"  # noqa: S105 - a lease token, not a secret
 SPREAD = timedelta(days=30)
 # The second cycle's listing: what each status has become since the first.
 ADVANCE = {"queued": "processing", "processing": "completed"}
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, never the system Redis's 6379."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port != 6379:
-            return port
-
-
-@contextmanager
-def redis_server() -> Iterator[int]:
-    """A redis-server with persistence off in a temporary directory; yields its port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed; install it to run this benchmark")
-    with tempfile.TemporaryDirectory(prefix="state-memory-") as workdir:
-        port = free_port()
-        log = Path(workdir) / "redis.log"
-        process = subprocess.Popen(
-            [
-                binary,
-                *("--port", str(port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no"),
-                *("--dir", workdir, "--logfile", str(log)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_ping(process, port, log)
-            yield port
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_for_ping(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Return once the server answers PING; raise if it exits or stays silent for 10 s."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"redis-server exited on port {port}:\n{tail}")
-        try:
-            with redis.Redis(port=port, socket_connect_timeout=0.2) as client:
-                client.ping()
-                return
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not answer PING on port {port} within 10 s")
 
 
 def make_requests(count: int, seed: int) -> list[LipsyncRequest]:

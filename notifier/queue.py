@@ -272,11 +272,7 @@ class RouteQueue:
         # Lua answers [stream, entries], or an empty list.
         if reply and isinstance(reply[0], str):
             reply = [reply]
-        return acked, [
-            (item[0], dict(zip(item[1][::2], item[1][1::2], strict=True)))
-            for _, entries in reply or []
-            for item in entries
-        ]
+        return acked, [entry for _, entries in reply or [] for entry in _entries(entries)]
 
     async def _read_blocking(self, count: int, block_s: float) -> list[tuple[str, Fields]]:
         try:

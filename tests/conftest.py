@@ -32,6 +32,32 @@ pytest_plugins = ["pytester"]
 RedisFactory = Callable[[], redis.asyncio.Redis]
 
 
+class FakeClock:
+    """A clock the test moves by hand, in unix seconds as `time.time` gives them."""
+
+    START = 1_700_000_000.0
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def at(self, offset: float) -> FakeClock:
+        """Set the time to `offset` seconds after the start; returns itself."""
+        self.now = self.START + offset
+        return self
+
+    def advance(self, seconds: float) -> None:
+        """Move the time on by `seconds`."""
+        self.now += seconds
+
+    @property
+    def ms(self) -> int:
+        """Now in unix milliseconds, as retry scores and routes-seen keep it."""
+        return round(self.now * 1000)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

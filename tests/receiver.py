@@ -1,7 +1,8 @@
-"""A webhook receiver for delivery tests: a real aiohttp server on 127.0.0.1.
+"""A webhook receiver for tests: a real aiohttp server on 127.0.0.1.
 
 It records every request (path, headers, body, arrival time) and answers each path from
-a script of planned answers, then 200 once the script runs out.
+a script of planned answers, then from that path's standing answer, then from the
+receiver's default handler (200 "ok" unless told otherwise).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Receiver:
         self.seen: list[Seen] = []
         self._plans: dict[str, deque[Handler]] = defaultdict(deque)
         self._always: dict[str, Handler] = {}
+        self.handler: Handler = _canned(200, "ok")  # for paths without answers of their own
         self.release = asyncio.Event()  # stalling handlers wait for it (set at teardown)
         self.server: TestServer | None = None
 
@@ -60,6 +62,10 @@ class Receiver:
         """Answer the next requests to `path` with these (status, body[, headers]), in order."""
         for answer in answers:
             self._plans[path].append(_canned(*answer))
+
+    def reply(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
+        """Answer every path without answers of its own with this status, body, headers."""
+        self.handler = _canned(status, body, headers)
 
     def always(self, path: str, status: int, body: str = "") -> None:
         """Answer every request to `path` with this status once the plan is used up."""
@@ -86,7 +92,7 @@ class Receiver:
         body = await request.read()
         self.seen.append(Seen(request.path, request.headers, body, time.monotonic()))
         plan = self._plans[request.path]
-        handler = plan.popleft() if plan else self._always.get(request.path, _canned(200, "ok"))
+        handler = plan.popleft() if plan else self._always.get(request.path, self.handler)
         return await handler(request)
 
     @classmethod
@@ -95,7 +101,7 @@ class Receiver:
         """A running receiver, stopped (stalled requests released) on exit."""
         receiver = cls()
         app = web.Application()
-        app.router.add_route("POST", "/{tail:.*}", receiver._handle)
+        app.router.add_route("*", "/{tail:.*}", receiver._handle)
         receiver.server = TestServer(app, host="127.0.0.1")
         await receiver.server.start_server()
         try:

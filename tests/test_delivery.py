@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
 from standardwebhooks.webhooks import Webhook
 
 from notifier import delivery as delivery_module
@@ -268,6 +269,65 @@ async def test_a_template_failing_on_an_event_dead_letters_it(rig: Rig) -> None:
     [letter] = [d async for d in DeadLetters(rig.client, Keys(settings.key_prefix)).all()]
     assert letter.error.startswith("could not render: route 'webhook', template webhook/")
     assert letter.as_json()["status"] == "completed"
+
+
+async def test_an_outbox_entry_that_is_not_an_event_is_dead_lettered(rig: Rig) -> None:
+    settings = rig.settings()
+    await rig.transitions(settings, completed=1)
+    await rig.client.xadd(Keys(settings.key_prefix).outbox, {"r": "{not json", "t": "x"})
+
+    tally = await rig.delivery(settings).deliver_due()
+
+    assert (tally.delivered, tally.dead) == (1, 1)
+    [letter] = [d async for d in DeadLetters(rig.client, Keys(settings.key_prefix)).all()]
+    assert letter.error.startswith("outbox entry is not an event")
+    assert letter.as_json()["request_id"] is None
+
+
+async def test_a_receiver_slower_than_the_timeout_is_tried_again_with_the_same_id(
+    rig: Rig,
+) -> None:
+    calls = 0
+
+    async def slow_first(_request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(1.0)
+        return web.Response(status=204)
+
+    settings = rig.settings(delivery_timeout="0.2")
+    [expected] = await rig.transitions(settings, completed=1)
+    rig.receiver.handle("/hook", slow_first)
+
+    delivery = rig.delivery(settings)
+    await run_until(delivery, lambda: delivery.tally.delivered == 1)
+
+    assert [seen.event_id for seen in rig.receiver.seen] == [expected, expected]
+    assert (delivery.tally.retried, delivery.tally.delivered) == (1, 1)
+
+
+async def test_an_outcome_redis_failed_to_record_is_recorded_later_and_not_sent_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = rig.settings()
+    expected = await rig.transitions(settings, completed=4)
+    settle_and_take = RouteQueue.settle_and_take
+    failed = []
+
+    async def failing_once(queue: RouteQueue, settlements: Any, *args: Any) -> Any:
+        if settlements and not failed:
+            failed.append(len(settlements))
+            raise RedisConnectionError("connection reset by peer")
+        return await settle_and_take(queue, settlements, *args)
+
+    monkeypatch.setattr(RouteQueue, "settle_and_take", failing_once)
+    delivery = rig.delivery(settings)
+    await run_until(delivery, lambda: delivery.tally.delivered == 4)
+
+    assert failed  # the failure happened, with outcomes in hand
+    assert sorted(seen.event_id for seen in rig.receiver.seen) == sorted(expected)
+    assert (await delivery.backlog()).total == 0
 
 
 # Routes: filters, concurrency, and one route never holding up another.

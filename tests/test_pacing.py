@@ -11,26 +11,10 @@ import redis.asyncio
 from notifier.keys import Keys
 from notifier.pacing import SlackSlot
 
-from conftest import RedisFactory
+from conftest import FakeClock, RedisFactory
 
-START = 1_700_000_000.0
 SLACK_URL = "https://hooks.slack.com/services/T0PACING/B0PACING/PacingSecretToken1234"
 OTHER_URL = "https://hooks.slack.com/services/T0PACING/B0OTHER/OtherSecretToken5678"
-
-
-class FakeClock:
-    """A clock the test moves by hand (unix seconds, as `time.time` gives)."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def at(self, offset: float) -> FakeClock:
-        """Set the time to `offset` seconds after the start; returns itself."""
-        self.now = START + offset
-        return self
 
 
 def slot(client: redis.asyncio.Redis, clock: FakeClock, url: str = SLACK_URL) -> SlackSlot:

@@ -24,29 +24,11 @@ from notifier.queue import (
     Work,
 )
 
+from conftest import FakeClock
 from samples import DETECTED_MS
 
 KEYS = Keys("t")
-START = 1_700_000_000.0
 ROUTE = "webhook"
-
-
-class FakeClock:
-    """A clock the test moves by hand (unix seconds, as `time.time` gives)."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    @property
-    def ms(self) -> int:
-        """Now in unix ms, as retry scores and routes-seen keep it."""
-        return round(self.now * 1000)
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -24,8 +24,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -42,6 +40,8 @@ from notifier.sinks import (
     sign,
 )
 
+from receiver import Handler, Receiver, Seen
+
 SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"n" * 32).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
@@ -53,59 +53,12 @@ MESSAGE = Message(event_id="315ce564-1b88-5e27-b307-8bd1577c2020", body=b'{"hell
 NOW = datetime(2026, 3, 30, 11, 0, 0, tzinfo=UTC)
 ERROR_BODY = '  {"error": "no such hook"}\n'
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One request as the receiver got it: path, headers and the raw body."""
-
-    path: str
-    headers: CIMultiDictProxy[str]
-    body: bytes
-
-
-class Receiver:
-    """A real aiohttp server on 127.0.0.1 that records requests and answers as told."""
-
-    def __init__(self) -> None:
-        self.seen: list[Seen] = []
-        self.handler: Handler = self._ok
-        self.release = asyncio.Event()  # handlers that stall wait for it (set at teardown)
-        self.server: TestServer | None = None
-
-    def url(self, path: str = HOOK_PATH) -> str:
-        assert self.server is not None
-        return str(self.server.make_url(path))
-
-    def reply(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
-        """Answer every request with this status, body and headers."""
-
-        async def canned(_request: web.Request) -> web.Response:
-            return web.Response(status=status, text=body or None, headers=headers)
-
-        self.handler = canned
-
-    @staticmethod
-    async def _ok(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.seen.append(Seen(request.path, request.headers, body))
-        return await self.handler(request)
-
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", receiver.handle)
-    receiver.server = TestServer(app, host="127.0.0.1")
-    await receiver.server.start_server()
-    yield receiver
-    receiver.release.set()
-    await receiver.server.close()
+    """A receiver on 127.0.0.1 that records requests and answers as told."""
+    async with Receiver.serve() as receiver:
+        yield receiver
 
 
 @pytest.fixture
@@ -203,7 +156,7 @@ async def test_each_status_is_classified(
         receiver.reply(status, headers={"Location": receiver.url("/redirected")})
     else:
         receiver.reply(status, "" if status == 204 else ERROR_BODY)
-    result = await send(webhook_route(receiver.url()), session)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session)
     assert [seen.path for seen in receiver.seen] == [HOOK_PATH]  # sent once, never followed
     if expected == "delivered":
         assert result == Delivered(status)
@@ -226,7 +179,7 @@ async def test_a_redirect_target_is_never_hit(
         raise web.HTTPTemporaryRedirect(location="/redirected")
 
     receiver.handler = redirect
-    result = await send(webhook_route(receiver.url()), session)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Permanent)
     assert "/redirected" not in [seen.path for seen in receiver.seen]
     assert len(receiver.seen) == 1
@@ -240,7 +193,7 @@ async def test_retry_after_in_seconds_is_honoured(
     receiver: Receiver, session: aiohttp.ClientSession, status: int, value: str, after: float
 ) -> None:
     receiver.reply(status, "slow down", headers={"Retry-After": value})
-    result = await send(webhook_route(receiver.url()), session)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session)
     assert result == Retry(after=after, reason=f"HTTP {status}: slow down")
 
 
@@ -249,7 +202,7 @@ async def test_retry_after_as_an_http_date_is_honoured(
 ) -> None:
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
     receiver.reply(503, headers={"Retry-After": when})
-    result = await send(webhook_route(receiver.url()), session)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Retry)
     assert result.after is not None
     assert 100 < result.after <= 121
@@ -281,7 +234,7 @@ async def test_a_receiver_slower_than_the_timeout_is_retried(
 
     receiver.handler = stall
     started = time.monotonic()
-    result = await send(webhook_route(receiver.url()), session, timeout=0.2)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session, timeout=0.2)
     assert time.monotonic() - started < 2
     assert isinstance(result, Retry)
     assert result.after is None
@@ -300,7 +253,7 @@ async def test_a_body_that_stalls_midway_hits_the_timeout(
         return response
 
     receiver.handler = trickle
-    result = await send(webhook_route(receiver.url()), session, timeout=0.2)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session, timeout=0.2)
     assert isinstance(result, Retry)
     assert "timed out" in result.reason
 
@@ -314,7 +267,7 @@ async def test_a_connection_closed_by_the_handler_is_retried(
         return web.Response()  # written to a closed connection: the client gets nothing
 
     receiver.handler = hang_up
-    result = await send(webhook_route(receiver.url()), session)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Retry)
     assert result.reason == "the receiver closed the connection without answering"
 
@@ -346,7 +299,7 @@ async def test_a_huge_error_body_is_trimmed_in_the_reason(
 ) -> None:
     body = "Start of a huge error page. " + "e" * 1_000_000
     receiver.reply(status, body)
-    result = await send(webhook_route(receiver.url()), session)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, kind)
     assert result.reason.startswith(f"HTTP {status}: Start of a huge error page. eeee")
     assert result.reason.endswith("…")
@@ -367,7 +320,7 @@ async def test_a_huge_body_is_not_read_to_its_end(
 
     receiver.handler = endless
     started = time.monotonic()
-    result = await send(webhook_route(receiver.url()), session, timeout=3)
+    result = await send(webhook_route(receiver.url(HOOK_PATH)), session, timeout=3)
     assert time.monotonic() - started < 2
     assert isinstance(result, Retry)
     assert result.reason.startswith("HTTP 502: Bad gateway ggg")
@@ -401,7 +354,7 @@ async def test_slack_permanent_errors_are_permanent(
     receiver: Receiver, session: aiohttp.ClientSession, status: int, name: str
 ) -> None:
     receiver.reply(status, name)
-    result = await send(slack_route(receiver.url()), session)
+    result = await send(slack_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Permanent)
     assert f"HTTP {status}" in result.reason
     assert name in result.reason
@@ -413,10 +366,12 @@ async def test_slack_bodies_on_a_webhook_route_go_by_status(
     receiver: Receiver, session: aiohttp.ClientSession, status: int, name: str
 ) -> None:
     receiver.reply(status, name)
-    assert await send(webhook_route(receiver.url()), session) == Permanent(f"HTTP {status}: {name}")
+    assert await send(webhook_route(receiver.url(HOOK_PATH)), session) == Permanent(
+        f"HTTP {status}: {name}"
+    )
     # Only the status decides there: a Slack name on a 503 is still a 503.
     receiver.reply(503, name)
-    assert await send(webhook_route(receiver.url()), session) == Retry(
+    assert await send(webhook_route(receiver.url(HOOK_PATH)), session) == Retry(
         after=None, reason=f"HTTP 503: {name}"
     )
 
@@ -425,11 +380,11 @@ async def test_slack_rollup_error_is_retried(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     receiver.reply(500, "rollup_error")
-    result = await send(slack_route(receiver.url()), session)
+    result = await send(slack_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Retry)
     assert "rollup_error" in result.reason
     receiver.reply(500, "rollup_error")
-    assert isinstance(await send(webhook_route(receiver.url()), session), Retry)
+    assert isinstance(await send(webhook_route(receiver.url(HOOK_PATH)), session), Retry)
 
 
 async def test_slack_rollup_error_honours_retry_after(
@@ -437,7 +392,7 @@ async def test_slack_rollup_error_honours_retry_after(
 ) -> None:
     # The contract: 5xx are retried and Retry-After is honoured; a Slack body changes neither.
     receiver.reply(500, "rollup_error", headers={"Retry-After": "9"})
-    result = await send(slack_route(receiver.url()), session)
+    result = await send(slack_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Retry)
     assert result.after == 9
 
@@ -446,14 +401,14 @@ async def test_slack_rate_limit_waits_for_retry_after(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     receiver.reply(429, "rate_limited", headers={"Retry-After": "3"})
-    result = await send(slack_route(receiver.url()), session)
+    result = await send(slack_route(receiver.url(HOOK_PATH)), session)
     assert isinstance(result, Retry)
     assert result.after == 3
 
 
 async def test_slack_ok_is_delivered(receiver: Receiver, session: aiohttp.ClientSession) -> None:
     receiver.reply(200, "ok")
-    assert await send(slack_route(receiver.url()), session) == Delivered(200)
+    assert await send(slack_route(receiver.url(HOOK_PATH)), session) == Delivered(200)
 
 
 # 3. Reasons never hold the URL.
@@ -483,7 +438,7 @@ async def test_an_echoed_url_is_blanked_in_the_reason(
     status: int,
     route: Callable[[str], Route],
 ) -> None:
-    url = receiver.url()
+    url = receiver.url(HOOK_PATH)
     receiver.handler = echo_url(status)
     result = await send(route(url), session)
     assert isinstance(result, Permanent | Retry)
@@ -498,7 +453,7 @@ async def test_an_echoed_url_cut_by_the_excerpt_is_not_shown_either(
 ) -> None:
     # The echoed URL straddles the end of the excerpt: what is left of it must not show
     # the secret part of the path.
-    url = receiver.url()
+    url = receiver.url(HOOK_PATH)
     padding = "p" * (300 - len(url) + 4)  # the excerpt keeps all of the URL but 4 chars
 
     async def echo_late(_request: web.Request) -> web.Response:
@@ -524,7 +479,7 @@ async def test_connection_errors_do_not_name_the_url(
         return web.Response()
 
     receiver.handler = stall
-    url = {"refused": refused_url, "reset": resetting_url, "timeout": receiver.url()}[kind]
+    url = {"refused": refused_url, "reset": resetting_url, "timeout": receiver.url(HOOK_PATH)}[kind]
     for route in (webhook_route(url), slack_route(url)):
         result = await send(route, session, timeout=0.2)
         assert isinstance(result, Retry)
@@ -537,7 +492,7 @@ async def test_connection_errors_do_not_name_the_url(
 async def test_webhook_headers_follow_the_contract(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    route = webhook_route(receiver.url(), **{"X-Team": "dub"})
+    route = webhook_route(receiver.url(HOOK_PATH), **{"X-Team": "dub"})
     result = await send(route, session, clock=lambda: 1_774_868_470.9)
     assert result == Delivered(200)
     (seen,) = receiver.seen
@@ -557,7 +512,10 @@ async def test_route_headers_go_out_once_beside_the_contract_headers(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     headers = {"X-Team": "dub"}
-    for route in (webhook_route(receiver.url(), **headers), slack_route(receiver.url(), **headers)):
+    for route in (
+        webhook_route(receiver.url(HOOK_PATH), **headers),
+        slack_route(receiver.url(HOOK_PATH), **headers),
+    ):
         assert await send(route, session) == Delivered(200)
     assert len(receiver.seen) == 2
     for seen in receiver.seen:
@@ -576,7 +534,9 @@ def test_a_route_cannot_set_a_header_the_sink_sets(name: str) -> None:
 async def test_slack_requests_carry_no_webhook_headers(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    assert await send(slack_route(receiver.url()), session, clock=lambda: 1.0) == Delivered(200)
+    assert await send(
+        slack_route(receiver.url(HOOK_PATH)), session, clock=lambda: 1.0
+    ) == Delivered(200)
     (seen,) = receiver.seen
     assert not [name for name in seen.headers if name.lower().startswith("webhook-")]
     assert seen.headers.getall("Content-Type") == ["application/json"]
@@ -587,7 +547,7 @@ async def test_slack_requests_carry_no_webhook_headers(
 async def test_a_webhook_without_a_secret_is_not_signed(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    await send(webhook_route(receiver.url(), secret=None), session, clock=lambda: 1234.5)
+    await send(webhook_route(receiver.url(HOOK_PATH), secret=None), session, clock=lambda: 1234.5)
     (seen,) = receiver.seen
     assert seen.headers["webhook-id"] == MESSAGE.event_id
     assert seen.headers["webhook-timestamp"] == "1234"
@@ -604,7 +564,7 @@ def verify(secret: str, seen: Seen) -> Any:
 async def test_each_attempt_is_signed_at_its_own_time(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    settings = load_settings({"webhook_url": receiver.url(), "webhook_secret": SECRET})
+    settings = load_settings({"webhook_url": receiver.url(HOOK_PATH), "webhook_secret": SECRET})
     route = settings.routes[0]
     created = datetime.now(UTC) - timedelta(minutes=6)
     event = sample_event("completed", now=created)
@@ -637,7 +597,7 @@ async def test_each_attempt_is_signed_at_its_own_time(
 async def test_a_rotated_secret_verifies_with_either_key(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    route = webhook_route(receiver.url(), secret=f"{NEW_SECRET} {OLD_SECRET}")
+    route = webhook_route(receiver.url(HOOK_PATH), secret=f"{NEW_SECRET} {OLD_SECRET}")
     assert await send(route, session) == Delivered(200)
     (seen,) = receiver.seen
     signatures = seen.headers["webhook-signature"].split(" ")
@@ -652,10 +612,10 @@ async def test_a_rotated_secret_verifies_with_either_key(
 async def test_a_tampered_body_fails_verification(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
-    assert await send(webhook_route(receiver.url()), session) == Delivered(200)
+    assert await send(webhook_route(receiver.url(HOOK_PATH)), session) == Delivered(200)
     (seen,) = receiver.seen
     verify(SECRET, seen)
-    tampered = Seen(seen.path, seen.headers, seen.body.replace(b"world", b"w0rld"))
+    tampered = dataclasses.replace(seen, body=seen.body.replace(b"world", b"w0rld"))
     with pytest.raises(WebhookVerificationError):
         verify(SECRET, tampered)
 
@@ -698,7 +658,7 @@ async def test_an_echoed_header_token_is_blanked_in_the_reason(
     route = Route(
         name="ops",
         type="webhook",
-        url=SecretStr(receiver.url()),
+        url=SecretStr(receiver.url(HOOK_PATH)),
         headers={"Authorization": SecretStr("Bearer ZZLEAK-header-token")},
     )
     result = await send(route, session)
