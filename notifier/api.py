@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from notifier import USER_AGENT
 from notifier.backoff import parse_retry_after
 from notifier.config import Settings, env_name
+from notifier.logs import about
+from notifier.metrics import Metrics
 from notifier.models import LipsyncRequest
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,13 @@ EXCERPT = 200  # characters of an unexpected body quoted in an error
 class ApiError(Exception):
     """A call to the Chamelaion API failed; the subclass says whether waiting helps."""
 
+    outcome = "failed"  # the label of the call in the notifier_api_calls metric
+
 
 class AuthError(ApiError):
     """401/403: the API rejected the key. `message` is the API's own words ("invalid token")."""
+
+    outcome = "unauthorized"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"the Chamelaion API rejected the API key (HTTP {status}: {message})")
@@ -47,6 +53,8 @@ class AuthError(ApiError):
 class RateLimited(ApiError):
     """429: wait `retry_after` seconds (None: the API gave no usable Retry-After)."""
 
+    outcome = "rate_limited"
+
     def __init__(self, retry_after: float | None) -> None:
         advice = f"retry after {retry_after:g} s" if retry_after is not None else "back off"
         super().__init__(f"the Chamelaion API is rate limiting (HTTP 429); {advice}")
@@ -56,6 +64,10 @@ class RateLimited(ApiError):
 class TransientApiError(ApiError):
     """5xx, timeout, connection error or an unreadable body: back off and retry the cycle."""
 
+    def __init__(self, message: str, outcome: str = "server_error") -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
 
 class ListingNotSettled(TransientApiError):
     """Requests appeared or vanished faster than the listing could catch up with them."""
@@ -63,6 +75,8 @@ class ListingNotSettled(TransientApiError):
 
 class UnexpectedResponse(ApiError):
     """A 3xx or another 4xx: the API URL or a parameter is wrong, and retrying will not help."""
+
+    outcome = "unexpected_status"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(
@@ -123,7 +137,7 @@ class ApiClient:
     is kept out of every log line, repr and error message.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         """A client for the configured account; `ConfigError` if no API key is set."""
         api_key: SecretStr = settings.require("api_key", "the notifier calls the Chamelaion API")
         self.url = settings.api_url + LIST_PATH  # api_url has no trailing slash
@@ -133,6 +147,7 @@ class ApiClient:
         self.reference_id = settings.reference_id
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
+        self.metrics = metrics or Metrics()
 
     async def __aenter__(self) -> ApiClient:
         self._session = aiohttp.ClientSession(
@@ -162,6 +177,15 @@ class ApiClient:
 
     async def fetch_page(self, offset: int, limit: int) -> ListResponse:
         """One list call; raises an `ApiError` subclass for anything but a usable page."""
+        try:
+            response = await self._get(offset, limit)
+        except ApiError as exc:
+            self.metrics.api_calls.labels(exc.outcome).inc()
+            raise
+        self.metrics.api_calls.labels("ok").inc()
+        return response
+
+    async def _get(self, offset: int, limit: int) -> ListResponse:
         if self._session is None:
             raise RuntimeError("use the ApiClient inside `async with`")
         params = {"limit": str(limit), "offset": str(offset)}
@@ -173,12 +197,13 @@ class ApiClient:
         except TimeoutError:
             raise TransientApiError(
                 f"the Chamelaion API did not answer within {self.timeout:g} s "
-                f"({env_name('api_timeout')}) at offset {offset}"
+                f"({env_name('api_timeout')}) at offset {offset}",
+                "timeout",
             ) from None
         except aiohttp.ClientError as exc:
             # `from None`: aiohttp's exceptions hold the request, and so the key.
             raise TransientApiError(
-                f"could not reach the Chamelaion API: {type(exc).__name__}: {exc}"
+                f"could not reach the Chamelaion API: {type(exc).__name__}: {exc}", "unreachable"
             ) from None
         if key := self._api_key.get_secret_value():
             # Blank the key in case the API echoes it: error messages quote the body.
@@ -317,11 +342,15 @@ def _salvage(body: bytes, offset: int, content_type: str) -> ListResponse:
     try:
         document = json.loads(body)
     except ValueError:
-        raise TransientApiError(f"{where} is not JSON ({content_type}): {_excerpt(body)}") from None
+        raise TransientApiError(
+            f"{where} is not JSON ({content_type}): {_excerpt(body)}", "invalid_response"
+        ) from None
     try:
         shell = _LoosePage.model_validate(document)
     except ValidationError as exc:
-        raise TransientApiError(f"{where} has the wrong shape: {_first_error(exc)}") from None
+        raise TransientApiError(
+            f"{where} has the wrong shape: {_first_error(exc)}", "invalid_response"
+        ) from None
     requests, malformed = [], []
     for index, item in enumerate(shell.data):
         try:
@@ -335,6 +364,7 @@ def _salvage(body: bytes, offset: int, content_type: str) -> ListResponse:
                 offset,
                 f" (request {key})" if key else "",
                 _first_error(exc),
+                extra=about(request_id=key),
             )
             malformed.append(key or f"#{offset + index}")
     return ListResponse(offset, requests, malformed, shell.pagination.total)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Any, NoReturn
 
 from notifier import __version__
 from notifier.config import ConfigError, Route, Settings, env_name, flag_name, load_settings
+from notifier.logs import configure_logging
 
 # Exit codes of the contract: 0 done, 1 the poll cycle failed (API or Redis down),
 # 2 configuration or usage error or a rejected API key, 3 work left or dead-lettered.
@@ -47,6 +47,13 @@ def _not_yet(command: str) -> int:
     return EXIT_FAILED
 
 
+def _load(flags: dict[str, Any]) -> Settings:
+    """The settings, and log lines in their format with their secrets blanked."""
+    settings = load_settings(flags)
+    configure_logging(settings)
+    return settings
+
+
 def _require_redis(settings: Settings, command: str, why: str) -> None:
     settings.require("redis_url", f"notifier {command} {why}")
 
@@ -67,15 +74,23 @@ def _configured_routes(settings: Settings, name: str | None) -> list[Route]:
 
 
 def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    load_settings(flags).require("api_key", "notifier run polls the Chamelaion API")
-    return _not_yet("run")
+    from notifier.api import AuthError  # noqa: PLC0415 - commands import what they need
+    from notifier.service import run_service  # noqa: PLC0415
+
+    settings = _load(flags)
+    settings.require("api_key", "notifier run polls the Chamelaion API")
+    _configured_routes(settings, None)
+    try:
+        return asyncio.run(run_service(settings))
+    except AuthError as exc:
+        raise ConfigError(f"{exc}; check {env_name('api_key')}.") from None
 
 
 def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier.api import AuthError  # noqa: PLC0415 - commands import what they need
     from notifier.once import run_once  # noqa: PLC0415
 
-    settings = load_settings(flags)
+    settings = _load(flags)
     _require_redis(
         settings,
         "once",
@@ -84,7 +99,6 @@ def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     )
     settings.require("api_key", "notifier once polls the Chamelaion API")
     _configured_routes(settings, None)
-    _configure_logging()
     try:
         report = asyncio.run(run_once(settings))
     except AuthError as exc:
@@ -96,7 +110,7 @@ def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 def _check(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier import check  # noqa: PLC0415 - commands import what they need
 
-    settings = load_settings(flags)
+    settings = _load(flags)
     settings.require("api_key", "notifier check calls the Chamelaion API once")
     findings = asyncio.run(check.run_check(settings))
     print(check.findings_table(findings))
@@ -106,7 +120,7 @@ def _check(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier import check  # noqa: PLC0415 - commands import what they need
 
-    settings = load_settings(flags)
+    settings = _load(flags)
     routes = _configured_routes(settings, args.route)
     sent = asyncio.run(check.send_tests(settings, routes, args.status))
     print("\n".join(test.line() for test in sent))
@@ -118,7 +132,7 @@ def _dlq_list(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier.keys import Keys  # noqa: PLC0415
     from notifier.store import open_redis  # noqa: PLC0415
 
-    settings = load_settings(flags)
+    settings = _load(flags)
     _require_redis(settings, "dlq", "reads the dead letters kept in Redis")
 
     async def list_all() -> None:
@@ -140,7 +154,7 @@ def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 
     if bool(args.ids) == args.all:
         raise UsageError("notifier dlq replay: give dead-letter IDs or --all, not both or neither")
-    settings = load_settings(flags)
+    settings = _load(flags)
     _require_redis(settings, "dlq", "re-queues the dead letters kept in Redis")
     routes = [route.name for route in settings.routes]
 
@@ -168,15 +182,6 @@ def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
             f"no dead letter with id {', '.join(done.missing)} (see notifier dlq list){others}."
         )
     return EXIT_USAGE if done.unrouted else 0
-
-
-def _configure_logging() -> None:
-    """Log lines on stderr, so stdout carries only a command's own output."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:

@@ -257,6 +257,11 @@ class Settings(BaseSettings):
     )
     retry_max_delay: Seconds = Field(600, gt=0, description="cap of one backoff step")
     delivery_timeout: Seconds = Field(10, gt=0, description="seconds per delivery attempt")
+    http_host: str = Field(
+        "0.0.0.0",  # noqa: S104 - probes and Prometheus reach a container from outside
+        min_length=1,
+        description="address the HTTP server listens on",
+    )
     http_port: int = Field(
         8080, ge=0, le=65535, description="port of /healthz, /readyz and /metrics; 0 turns it off"
     )

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Settings
 from notifier.keys import Keys
+from notifier.metrics import Metrics
 from notifier.pacing import SlackSlot
 from notifier.queue import Backlog, Outbox, RouteQueue
 from notifier.render import Renderer
@@ -98,9 +99,11 @@ class Delivery:
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.consumer = consumer or consumer_name()
         self.tally = Tally()
+        self.metrics = metrics = metrics or Metrics()
         keys = Keys(settings.key_prefix)
         rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.heartbeat = Heartbeat(client, keys, self.consumer)
@@ -119,18 +122,20 @@ class Delivery:
                 else None,
                 delivery_timeout=settings.delivery_timeout,
                 rng=rng,
+                metrics=metrics,
             )
             for route in settings.routes
         ]
         self._routes = [route.name for route in settings.routes]
         self._rng = rng
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set; sends in flight then finish before it returns."""
+    async def run(self, stop: asyncio.Event, cancel: asyncio.Event | None = None) -> None:
+        """Deliver until `stop` is set; sends in flight then finish before it returns, or,
+        once `cancel` is set, are cancelled and handed back, due now."""
         async with running(self.heartbeat.keep), running(self._keep_up):
             # Nothing is read before the heartbeat exists: other replicas would take it.
             await _first(self.heartbeat.beating.wait(), stop.wait())
-            await asyncio.gather(*(worker.run(stop) for worker in self.workers))
+            await asyncio.gather(*(worker.run(stop, cancel) for worker in self.workers))
         # Anything still pending here (an outcome Redis refused) is taken over at once.
         with contextlib.suppress(RedisError, OSError):
             await self.heartbeat.end()

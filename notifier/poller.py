@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -25,7 +25,7 @@ from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
 from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
-from notifier.tasks import running
+from notifier.tasks import running, unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,15 @@ class CycleResult:
     events: int = 0  # events appended to the outbox
     silenced: int = 0  # old requests first seen finished after the baseline, not notified
     pruned: int = 0  # finished requests forgotten after the retention
+    entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
 
     def add(self, applied: Applied) -> None:
         """Count one applied page."""
         self.changed += applied.changed
         self.events += applied.events
         self.silenced += applied.silenced
+        for status, count in applied.entered.items():
+            self.entered[status] = self.entered.get(status, 0) + count
 
 
 class Poller:
@@ -74,10 +77,12 @@ class Poller:
     ) -> None:
         self.settings = settings
         self.api = api
+        self.metrics = api.metrics
         self.store = Store(client, settings, clock)
         self.lease = Lease(client, self.store.keys, lease_ttl(settings.poll_interval))
         self.rebaselines = 0  # times this process saw Redis lose its data
         self.last_error: str | None = None  # why the last cycle failed; None after a success
+        self.rejected: AuthError | None = None  # the API rejects the key since the last success
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._epoch_id: str | None = None
         self._prune_next = 0
@@ -103,10 +108,12 @@ class Poller:
             if not held:
                 await sleep_unless(stop, await self._standby_wait())
                 continue
+            self.metrics.leader.set(1)
             try:
                 async with running(self.lease.keep_renewed):
                     await self._poll_while_held(stop)
             finally:
+                self.metrics.leader.set(0)
                 with contextlib.suppress(RedisError, OSError):
                     await self.lease.release()
 
@@ -134,17 +141,31 @@ class Poller:
         while not stop.is_set() and self.lease.held:
             started = time.monotonic()
             try:
-                await self.cycle()
+                # Stopping interrupts a cycle: each page was applied atomically or not at all.
+                result = await unless_stopped(self.cycle(), stop)
             except LeaseLost:
                 log.info("another replica holds the polling lease now; standing by")
                 return
             except (*RECOVERABLE, RedisError, OSError) as exc:
+                self.metrics.cycles.labels("failed").inc()
                 delay = self._failed(exc, failures)
                 failures += 1
             else:
-                failures, self.last_error = 0, None
+                if result is None:
+                    return
+                failures, self.last_error, self.rejected = 0, None, None
+                self._count(result, time.monotonic() - started)
                 delay = self.settings.poll_interval - (time.monotonic() - started)
             await sleep_unless(stop, delay)
+
+    def _count(self, result: CycleResult, seconds: float) -> None:
+        metrics = self.metrics
+        metrics.cycles.labels("completed").inc()
+        metrics.cycle_seconds.observe(seconds)
+        metrics.events.inc(result.events)
+        metrics.silenced.inc(result.silenced)
+        for status, count in result.entered.items():
+            metrics.transitions.labels(status).inc(count)
 
     def _failed(self, exc: Exception, failures: int) -> float:
         """Record why a cycle failed and return how long to wait before the next one."""
@@ -156,6 +177,8 @@ class Poller:
             delay = min(delay, MAX_RATE_LIMIT_WAIT)
             log.warning("the Chamelaion API rate-limited the poll cycle; waiting %.1f s", delay)
             return delay
+        if isinstance(exc, AuthError):
+            self.rejected = exc
         if isinstance(exc, AuthError | UnexpectedResponse):
             delay = AUTH_BACKOFF[0] + full_jitter(failures, *AUTH_BACKOFF, self._rng)
             log.error("poll cycle failed: %s; trying again in %.0f s", exc, delay)
@@ -171,6 +194,7 @@ class Poller:
     def _note_epoch(self, epoch: Epoch) -> None:
         if self._epoch_id is not None and epoch.id != self._epoch_id:
             self.rebaselines += 1
+            self.metrics.rebaselines.inc()
             log.warning(
                 "Redis lost its data: the epoch of namespace %r is gone or replaced "
                 "(a restart without persistence?). Starting a new baseline that records "

@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
@@ -78,6 +78,7 @@ class Applied:
     changed: int  # requests first seen or with a new status
     events: int  # events appended to the outbox
     silenced: int  # first seen finished after the baseline, but older than it: not notified
+    entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +184,16 @@ class Store:
                 _finished_s(request),
                 request.snapshot() if len(code) == 1 and code in self._notify_on else "",
             ]
-        changed, events, silenced = await self._run("apply", keys, args)
-        return Applied(changed=changed, events=events, silenced=silenced)
+        changed, events, silenced, *entered = await self._run("apply", keys, args)
+        return Applied(
+            changed=changed,
+            events=events,
+            silenced=silenced,
+            entered={
+                decode_status(code): int(count)
+                for code, count in zip(entered[::2], entered[1::2], strict=True)
+            },
+        )
 
     async def finish(self, epoch: Epoch, token: str) -> bool:
         """Mark the cycle complete (a baseline becomes live); True if it was the baseline."""

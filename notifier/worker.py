@@ -20,13 +20,15 @@ from redis.exceptions import RedisError
 from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Route
 from notifier.dlq import dead_letter_fields
+from notifier.logs import about
+from notifier.metrics import Metrics
 from notifier.models import Event, MalformedEvent, Retry
 from notifier.pacing import SlackSlot
 from notifier.queue import RouteQueue, Settlement, Work
 from notifier.render import Renderer, RenderError
 from notifier.retry import MAX_RETRY_AFTER_S, Decision, Done, GiveUp, Later, RetryPolicy
 from notifier.sinks import Sink
-from notifier.tasks import running
+from notifier.tasks import CANCEL_WAIT_S, running, unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Tally:
     retried: int = 0
     dead: int = 0
     skipped: int = 0  # events the route does not take (statuses, reference_id)
+    handed_back: int = 0  # cancelled at shutdown and made due now, attempts unchanged
     by_route: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count(self, route: str, outcome: str) -> None:
@@ -81,6 +84,7 @@ class Attempted:
     decision: Decision
     attempt: int
     skipped: bool = False
+    handed_back: bool = False
 
     def settlement(self) -> Settlement:
         """What to record in Redis for this outcome."""
@@ -115,6 +119,7 @@ class RouteWorker:
         slot: SlackSlot | None,
         delivery_timeout: float,
         rng: random.Random,
+        metrics: Metrics,
     ) -> None:
         self.route = route
         self.queue = queue
@@ -125,6 +130,7 @@ class RouteWorker:
         self._slot = slot
         self._visibility_s = backstop_idle_s(delivery_timeout)
         self._rng = rng
+        self._metrics = metrics
         self._sending = 0  # deliveries read and not yet attempted
         self._unsettled = 0  # attempted, outcome not yet recorded in Redis
         self._attempted: list[Attempted] = []  # outcomes waiting for the settler
@@ -133,8 +139,9 @@ class RouteWorker:
         self._next_backstop = 0.0  # the backstop runs once at start, then periodically
         self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set, then wait for the sends in flight."""
+    async def run(self, stop: asyncio.Event, cancel: asyncio.Event | None = None) -> None:
+        """Deliver until `stop` is set, then wait for the sends in flight; if `cancel` is
+        set meanwhile, cancel them and hand their deliveries back, due now."""
         failures, next_retry_check = 0, 0.0
         async with running(self._settle_forever, wake=self._to_settle):
             while not stop.is_set():
@@ -159,6 +166,9 @@ class RouteWorker:
                 failures = 0
                 if check_retries and not any(work.source == "retry" for work in taken):
                     next_retry_check = time.monotonic() + RETRY_CHECK_S
+            if cancel is not None:
+                await unless_stopped(self._all_sent(), cancel)
+                await self._cancel_sends()
             await self._idle()
 
     async def drain(self) -> None:
@@ -191,6 +201,19 @@ class RouteWorker:
             await self._freed.wait()
         # Sends that end together free their slots together: one read takes them all.
         await asyncio.sleep(0)
+
+    async def _all_sent(self) -> None:
+        while self._sending:
+            self._freed.clear()
+            await self._freed.wait()
+
+    async def _cancel_sends(self) -> None:
+        """Cancel the sends in flight; each hands its delivery back to the settler."""
+        sends = list(self._tasks)
+        for task in sends:
+            task.cancel()
+        if sends:
+            await asyncio.wait(sends, timeout=CANCEL_WAIT_S)
 
     async def _idle(self) -> None:
         """Wait until every delivery read is sent and its outcome recorded."""
@@ -258,6 +281,10 @@ class RouteWorker:
         attempt = work.attempts + 1
         try:
             outcome = await self._attempt(work, attempt)
+        except asyncio.CancelledError:
+            # Shutting down: the receiver may or may not have it; send it again (same id).
+            reason = "handed back at shutdown"
+            outcome = Attempted(work, None, Later(0.0, reason), work.attempts, handed_back=True)
         except Exception as exc:  # a bug must not keep the slot: try the delivery again later
             log.exception("route %s: delivery of entry %s failed", self.route.name, work.entry_id)
             outcome = Attempted(work, None, Later(0.0, f"internal error: {exc!r}"), attempt)
@@ -336,11 +363,23 @@ class RouteWorker:
                     self.route.name,
                     item.work.entry_id,
                 )
-            elif item.skipped:
-                self._tally.count(self.route.name, "skipped")
+            elif item.skipped or item.handed_back:
+                outcome = "skipped" if item.skipped else "handed_back"
+                self._tally.count(self.route.name, outcome)
+                self._metrics.delivered(self.route.name, outcome, None)
+                if item.handed_back:
+                    _log_outcome(self.route, item)
             else:
-                self._tally.count(self.route.name, _outcome(item.decision))
+                outcome = _outcome(item.decision)
+                self._tally.count(self.route.name, outcome)
+                self._metrics.delivered(self.route.name, outcome, self._latency(item))
                 _log_outcome(self.route, item)
+
+    def _latency(self, item: Attempted) -> float | None:
+        """Seconds from detection to this successful delivery."""
+        if item.event is None or not isinstance(item.decision, Done):
+            return None
+        return (self.queue.now() - item.event.detected_ms) / 1000
 
 
 def _outcome(decision: Decision) -> str:
@@ -350,19 +389,42 @@ def _outcome(decision: Decision) -> str:
 def _log_outcome(route: Route, item: Attempted) -> None:
     """One line per delivery outcome, naming the event, the request and its reference."""
     level = {Done: logging.INFO, Later: logging.WARNING, GiveUp: logging.ERROR}
+    if item.handed_back:
+        level[Later] = logging.INFO
     if not log.isEnabledFor(level[type(item.decision)]):
         return
-    if item.event is None:
-        subject = f"outbox entry {item.work.entry_id}"
+    event = item.event
+    if event is None and item.handed_back:
+        with contextlib.suppress(MalformedEvent):
+            event = Event.from_fields(item.work.fields)
+    if event is None:
+        subject, extra = f"outbox entry {item.work.entry_id}", about(entry_id=item.work.entry_id)
     else:
-        request = item.event.request
+        request = event.request
         subject = (
-            f"event {item.event.id} (request {request.id}, reference_id "
-            f"{request.reference_id or '-'}, {item.event.status})"
+            f"event {event.id} (request {request.id}, reference_id "
+            f"{request.reference_id or '-'}, {event.status})"
         )
+        extra = about(
+            event_id=event.id,
+            request_id=request.id,
+            reference_id=request.reference_id,
+            status=event.status,
+            entry_id=item.work.entry_id,
+        )
+    extra |= about(route=route.name, attempt=item.attempt)
     match item.decision:
+        case Later(reason=reason) if item.handed_back:
+            log.info("route %s: %s %s, due now", route.name, subject, reason, extra=extra)
         case Done(detail=detail):
-            log.info("route %s: %s %s, attempt %d", route.name, subject, detail, item.attempt)
+            log.info(
+                "route %s: %s %s, attempt %d",
+                route.name,
+                subject,
+                detail,
+                item.attempt,
+                extra=extra,
+            )
         case Later(delay_s=delay, reason=reason):
             log.warning(
                 "route %s: %s failed (%s), attempt %d; trying again in %.1f s",
@@ -371,6 +433,7 @@ def _log_outcome(route: Route, item: Attempted) -> None:
                 reason,
                 item.attempt,
                 delay,
+                extra=extra,
             )
         case GiveUp(reason=reason):
             log.error(
@@ -379,4 +442,5 @@ def _log_outcome(route: Route, item: Attempted) -> None:
                 subject,
                 item.attempt,
                 reason,
+                extra=extra,
             )

@@ -100,20 +100,6 @@ def test_setting_flags_work_before_and_after_the_command() -> None:
     assert not hasattr(parser.parse_args(["run"]), "page_size")
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["run"]],
-    ids=" ".join,
-)
-def test_commands_without_machinery_say_so_and_exit_1(command: list[str]) -> None:
-    result = notifier(*command, env=CONFIGURED)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert result.stderr.count("\n") == 1
-    assert "not implemented yet" in result.stderr
-    assert "nothing was done" in result.stderr
-
-
 def test_demo_needs_no_configuration_and_ignores_bad_settings() -> None:
     result = notifier("demo", env={"NOTIFIER_POLL_INTERVAL": "bogus"})
     assert result.returncode == 1
@@ -179,7 +165,9 @@ def test_missing_api_key_exits_2() -> None:
 
 def test_the_chamelaion_api_key_alias_alone_is_enough() -> None:
     env = {**CONFIGURED, "NOTIFIER_API_KEY": "", "CHAMELAION_API_KEY": API_KEY}
-    assert notifier("run", env=env).returncode == 1  # past configuration, into "not yet"
+    result = notifier("once", env=env)  # past configuration, into a cycle that fails
+    assert result.returncode == 1, result.stderr
+    assert "cycle: failed" in result.stdout
 
 
 def test_send_test_without_routes_exits_2() -> None:

@@ -217,6 +217,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert epoch is not None
         detected = self.now * 1000
         changed = events = silenced = 0
+        entered: dict[str, int] = {}
         for request in requests:
             created = created_ms(request)
             if epoch.baseline:
@@ -246,7 +247,9 @@ class StoreMachine(RuleBasedStateMachine):
                 model.events.append(Event(request, previous, detected))
                 events += 1
             model.state[request.id] = Stored(request.status, accounted, finished_s(request))
-        return Applied(changed=changed, events=events, silenced=silenced)
+            if stored is not None or not epoch.baseline:  # a baseline's first sightings aside
+                entered[request.status] = entered.get(request.status, 0) + 1
+        return Applied(changed=changed, events=events, silenced=silenced, entered=entered)
 
     def model_prune(self, buckets: range, retention_s: int) -> int:
         assert self.store is not None

@@ -1,0 +1,119 @@
+"""Log lines on stderr: text for people, JSON lines for log pipelines, never a secret.
+
+Lines about a request carry its ids as `extra` fields (see `about`): the text format has
+them in the message already, the JSON format adds them as keys of their own. Every line
+passes through a redactor that blanks the configured secrets, a net under the rule that
+no code logs one in the first place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from notifier.config import Settings
+
+# Extra fields a log line about a request or a delivery may carry, in JSON key order.
+FIELDS = ("route", "event_id", "request_id", "reference_id", "status", "entry_id", "attempt")
+REDACTED = "[redacted]"
+# Shorter values are not searched for: blanking every "abc" would garble the logs, and
+# a secret that short is no secret.
+MIN_SECRET_LEN = 8
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def about(**fields: Any) -> dict[str, Any]:
+    """The `extra` of a log line about a request: `log.info(..., extra=about(route=...))`."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in the settings: API key, Redis URL and password, webhook
+    secrets, route URLs (and their paths, which hold a Slack webhook's token), header values."""
+    values: list[str] = []
+    for secret in (settings.api_key, settings.webhook_secret, settings.slack_webhook_url):
+        if secret is not None:
+            values += secret.get_secret_value().split()
+    if settings.redis_url is not None:
+        url = settings.redis_url.get_secret_value()
+        values += [url, urlsplit(url).password or ""]
+    for route in settings.routes:
+        url = route.url.get_secret_value()
+        parts = urlsplit(url)
+        values += [url, parts.path + (f"?{parts.query}" if parts.query else "")]
+        if route.secret is not None:
+            values += route.secret.get_secret_value().split()
+        values += [value.get_secret_value() for value in route.headers.values()]
+    return values
+
+
+class Redactor:
+    """Blanks known secret values in a text."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first: a URL is blanked whole before its path is looked for.
+        self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len)[::-1]
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, secrets blanked."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The line, secrets blanked."""
+        return self._redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the request's fields, and
+    the exception if any; secrets blanked."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The line as JSON, secrets blanked."""
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": self._redact(record.getMessage()),
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = self._redact(value) if isinstance(value, str) else value
+        if record.exc_info:
+            line["exception"] = self._redact(self.formatException(record.exc_info))
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(
+    settings: Settings | None, *, level: int = logging.INFO, stream: TextIO | None = None
+) -> None:
+    """Send log lines to stderr in the configured format, with the settings' secrets
+    blanked; stdout carries only a command's own output."""
+    redact = Redactor(secrets_of(settings) if settings is not None else [])
+    json_lines = settings is not None and settings.log_format == "json"
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(redact) if json_lines else TextFormatter(redact))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

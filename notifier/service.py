@@ -1,0 +1,295 @@
+"""`notifier run`: the poller, the delivery workers and the HTTP server in one process.
+
+Every replica runs the same: one of them polls (the lease), all of them deliver. On
+SIGTERM or SIGINT polling stops at once, sends in flight get `GRACE_S` to finish, the
+rest are cancelled and handed back (due now), and the process is gone by `EXIT_BY_S`.
+A second signal exits at once: what was recorded is in Redis, and what this process
+held is taken over when its heartbeat lapses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+
+from notifier.api import ApiClient, ApiError, AuthError
+from notifier.config import ConfigError, Settings, env_name
+from notifier.delivery import Delivery, sink_session
+from notifier.metrics import Metrics
+from notifier.poller import Poller
+from notifier.store import open_redis
+
+log = logging.getLogger(__name__)
+
+# SIGTERM: sends in flight may finish for this long; the process exits by the second
+# figure whatever happens (the contract says 9 s; the margin covers interpreter exit).
+GRACE_S = 7.0
+EXIT_BY_S = 8.5
+# /readyz waits this long for Redis; a probe's own timeout is usually 1 s.
+REDIS_PING_TIMEOUT_S = 0.8
+# Ready while some replica completed a poll cycle within this many poll intervals.
+READY_INTERVALS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """The answer of /readyz."""
+
+    ready: bool
+    reason: str
+
+    def as_json(self) -> dict[str, object]:
+        """The JSON body of /readyz."""
+        return {"ready": self.ready, "reason": self.reason}
+
+
+class Service:
+    """One replica: poll while it holds the lease, deliver always, answer health checks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.asyncio.Redis,
+        api: ApiClient,
+        delivery: Delivery,
+    ) -> None:
+        self.settings = settings
+        self.redis = client
+        self.metrics = api.metrics
+        self.poller = Poller(settings, client, api)
+        self.delivery = delivery
+        self.stopping = False
+
+    async def run(self, stop: asyncio.Event, cancel: asyncio.Event) -> None:
+        """Poll and deliver until `stop` is set; sends in flight then finish, or are handed
+        back once `cancel` is set."""
+        tasks = [
+            asyncio.create_task(self.poller.run(stop)),
+            asyncio.create_task(self.delivery.run(stop, cancel)),
+        ]
+        watch = asyncio.create_task(self._note_stopping(stop))
+        try:
+            await asyncio.gather(*tasks)
+        except Exception:
+            # A bug in one loop: stop the other (by its events, see tasks.py) and report it.
+            stop.set()
+            cancel.set()
+            await asyncio.wait(tasks, timeout=GRACE_S)
+            raise
+        finally:
+            watch.cancel()
+
+    async def _note_stopping(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.stopping = True
+
+    async def readiness(self) -> Readiness:
+        """Ready when Redis answers and some replica completed a cycle within three poll
+        intervals (standby replicas too); else why not."""
+        if self.stopping:
+            return Readiness(False, "shutting down")
+        try:
+            async with asyncio.timeout(REDIS_PING_TIMEOUT_S):
+                await self.redis.ping()
+                last_ms = await self.redis.get(self.poller.store.keys.last_cycle)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return Readiness(False, f"Redis is unreachable ({type(exc).__name__})")
+        if (rejected := self.poller.rejected) is not None:
+            return Readiness(
+                False,
+                f"the Chamelaion API rejects the API key (HTTP {rejected.status}: "
+                f"{rejected.message}); check {env_name('api_key')}",
+            )
+        if last_ms is None:
+            return Readiness(False, "no poll cycle has completed yet")
+        age = time.time() - int(last_ms) / 1000
+        most = READY_INTERVALS * self.settings.poll_interval
+        if age > most:
+            return Readiness(
+                False,
+                f"no replica completed a poll cycle in the last {age:.1f} s "
+                f"(at most {most:g} s: {READY_INTERVALS} poll intervals); see the "
+                f"leader's log",
+            )
+        return Readiness(True, f"last poll cycle completed {age:.1f} s ago")
+
+    def app(self) -> web.Application:
+        """The HTTP application: /healthz, /readyz and /metrics."""
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        readiness = await self.readiness()
+        return web.json_response(readiness.as_json(), status=200 if readiness.ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        queues = [worker.queue for worker in self.delivery.workers]
+        await self.metrics.read_redis(self.poller.store, queues)
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+class Shutdown:
+    """The signals of a running service: the first stops it gracefully, a second one
+    exits at once."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()  # stop polling and reading
+        self.cancel = asyncio.Event()  # cancel the sends still in flight, hand them back
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT from now on."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._signalled, signum)
+
+    def _signalled(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stop.is_set():
+            log.warning(
+                "%s again: exiting now; deliveries this process held are taken over by "
+                "another replica or the next start (same webhook-id)",
+                name,
+            )
+            _exit(128 + signum)
+        log.info(
+            "%s: polling stopped; sends in flight have %g s to finish, then are handed back",
+            name,
+            GRACE_S,
+        )
+        self.stop.set()
+        asyncio.get_running_loop().call_later(GRACE_S, self.cancel.set)
+        # A thread, so a stuck event loop cannot keep the process past the deadline.
+        deadline = threading.Timer(EXIT_BY_S, _late_exit)
+        deadline.daemon = True
+        deadline.start()
+
+
+def _late_exit() -> None:
+    log.error(
+        "shutdown did not finish within %g s; exiting anyway: deliveries still pending "
+        "are taken over by another replica or the next start (same webhook-id)",
+        EXIT_BY_S,
+    )
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(code)
+
+
+async def run_service(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; `AuthError` if the API rejects the key at start-up,
+    `ConfigError` if Redis rejects its credentials or the HTTP port is taken."""
+    shutdown = Shutdown()
+    shutdown.install()
+    metrics = Metrics()
+    client = open_redis(settings)
+    try:
+        async with ApiClient(settings, metrics) as api, sink_session() as session:
+            await _check_api_key(api)
+            await _check_redis(client, settings)
+            delivery = Delivery(settings, client, session, metrics=metrics)
+            service = Service(settings, client, api, delivery)
+            async with _serving(service, settings):
+                log.info(
+                    "notifier running: %d routes, polling every %g s, consumer %s",
+                    len(settings.routes),
+                    settings.poll_interval,
+                    delivery.consumer,
+                )
+                await service.run(shutdown.stop, shutdown.cancel)
+    finally:
+        await client.aclose()
+    log.info("notifier stopped")
+    return 0
+
+
+async def _check_api_key(api: ApiClient) -> None:
+    """A rejected key is a configuration error at start-up; an API that is down is not."""
+    try:
+        await api.fetch_page(0, 1)
+    except AuthError:
+        raise
+    except ApiError as exc:
+        log.warning("the Chamelaion API failed at start-up (%s); polling keeps trying", exc)
+
+
+async def _check_redis(client: redis.asyncio.Redis, settings: Settings) -> None:
+    """Rejected credentials are a configuration error; a Redis that is down is waited for.
+    Warn about settings that lose notifications: no AOF, or an eviction policy."""
+    try:
+        await client.ping()
+        persistence = await client.info("persistence")
+        memory = await client.info("memory")
+    except (AuthenticationError, AuthorizationError) as exc:
+        raise ConfigError(
+            f"Redis refused the credentials of {env_name('redis_url')}: {exc}."
+        ) from None
+    except (RedisError, OSError) as exc:
+        log.warning("Redis is unreachable at start-up (%s); waiting for it", exc)
+        return
+    if settings.redis_url is None:
+        return
+    if not int(persistence.get("aof_enabled", 0)):
+        log.warning(
+            "Redis runs without AOF persistence: a restart loses queued deliveries "
+            "(run it with appendonly yes)"
+        )
+    policy = memory.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        log.warning(
+            "Redis evicts keys (maxmemory-policy %s): it may drop queued deliveries and "
+            "state; use noeviction",
+            policy,
+        )
+
+
+@contextlib.asynccontextmanager
+async def _serving(service: Service, settings: Settings) -> AsyncIterator[None]:
+    """Serve /healthz, /readyz and /metrics while the block runs (unless the port is 0)."""
+    if settings.http_port == 0:
+        yield
+        return
+    runner = web.AppRunner(service.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {settings.http_host}:{settings.http_port} "
+                f"({env_name('http_host')}, {env_name('http_port')}): {exc.strerror or exc}; "
+                f"choose a free port, or 0 to turn the HTTP server off."
+            ) from None
+        log.info(
+            "serving /healthz, /readyz and /metrics on %s:%d",
+            settings.http_host,
+            settings.http_port,
+        )
+        yield
+    finally:
+        await runner.cleanup()
