@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from replicas import Replica, eventually
 
 from notifier.lease import MIN_TTL_S
 from notifier.models import event_id
@@ -30,6 +29,7 @@ from notifier.store import connect_redis
 
 from conftest import RedisServer
 from receiver import Receiver
+from replicas import Replica, eventually
 from samples import SIMULATOR_KEY
 
 HOOK = "/hook"

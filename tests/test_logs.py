@@ -1,0 +1,335 @@
+"""Log lines: text or JSON lines, a request's ids as JSON keys, and never a configured secret."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from notifier.config import Settings, load_settings
+from notifier.logs import (
+    MIN_SECRET_LEN,
+    REDACTED,
+    Redactor,
+    about,
+    configure_logging,
+    secrets_of,
+)
+
+API_KEY = "sk-live-ZZLEAK-api-key-0042"
+REDIS_PASSWORD = "ZZLEAK-redis-password"  # noqa: S105 - a test value, not a secret
+REDIS_URL = f"redis://notifier:{REDIS_PASSWORD}@redis.internal:6379/2"
+SLACK_PATH = "/services/T0TEAM/B0HOOK/ZZLEAKslacktoken"
+SLACK_URL = f"https://hooks.slack.com{SLACK_PATH}"
+WEBHOOK_URL = "https://receiver.example/notifier-hook"
+# Two signing secrets, as during a rotation: each is blanked on its own.
+OLD_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-old-signing-key").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-new-signing-key").decode()
+OPS_URL = "https://ops.example/hooks/ZZLEAK-ops-path?token=ZZLEAK-query"
+OPS_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-ops-signing-key").decode()
+OPS_HEADER = "Bearer ZZLEAK-header-value"
+ROUTES_TOML = f"""
+[[routes]]
+name = "ops"
+type = "webhook"
+url = "{OPS_URL}"
+secret = "{OPS_SECRET}"
+headers = {{ "Authorization" = "{OPS_HEADER}" }}
+"""
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Every kind of secret: API key, Redis URL with a password, Slack URL, two webhook
+    secrets, and a TOML route with its own URL, secret and header."""
+    config = tmp_path / "notifier.toml"
+    config.write_text(ROUTES_TOML)
+    return load_settings(
+        {
+            "config": str(config),
+            "api_key": API_KEY,
+            "redis_url": REDIS_URL,
+            "slack_webhook_url": SLACK_URL,
+            "webhook_url": WEBHOOK_URL,
+            "webhook_secret": f"{OLD_SECRET} {NEW_SECRET}",
+        }
+    )
+
+
+@contextlib.contextmanager
+def restored_root_logger() -> Iterator[None]:
+    """Put the root logger's handlers and level back as they were (pytest's own included),
+    closing any handler added meanwhile."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """configure_logging replaces the root logger's handlers; later tests need caplog's."""
+    with restored_root_logger():
+        yield
+
+
+def configured(settings: Settings | None, log_format: str = "text") -> io.StringIO:
+    """Configure logging for `settings` in `log_format`; returns the stream lines go to."""
+    if settings is not None:
+        settings = settings.model_copy(update={"log_format": log_format})
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    return stream
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+# secrets_of.
+
+
+def test_secrets_of_lists_every_secret_value_of_the_settings(settings: Settings) -> None:
+    secrets = secrets_of(settings)
+    for value in (
+        API_KEY,
+        REDIS_URL,
+        REDIS_PASSWORD,
+        SLACK_URL,
+        SLACK_PATH,  # a Slack webhook's token lives in its path
+        OLD_SECRET,
+        NEW_SECRET,
+        WEBHOOK_URL,
+        OPS_URL,
+        "/hooks/ZZLEAK-ops-path?token=ZZLEAK-query",
+        OPS_SECRET,
+        OPS_HEADER,
+    ):
+        assert value in secrets, value
+    assert f"{OLD_SECRET} {NEW_SECRET}" not in secrets  # split: each may be logged alone
+
+
+def test_secrets_of_settings_without_secrets_finds_nothing_to_blank() -> None:
+    secrets = secrets_of(load_settings({"webhook_url": "http://127.0.0.1:9/h"}))
+    assert [value for value in secrets if len(value) >= MIN_SECRET_LEN] == ["http://127.0.0.1:9/h"]
+
+
+# Redactor.
+
+
+def test_the_redactor_blanks_every_occurrence_of_each_secret() -> None:
+    redact = Redactor(["first-secret-value", "second-secret-value"])
+    text = "a first-secret-value b second-secret-value c first-secret-value"
+    assert redact(text) == f"a {REDACTED} b {REDACTED} c {REDACTED}"
+
+
+def test_the_redactor_blanks_a_url_whole_before_looking_for_its_path() -> None:
+    # Given path first: the order of the settings must not leave the host showing.
+    redact = Redactor([SLACK_PATH, SLACK_URL])
+    assert redact(f"POST {SLACK_URL} failed") == f"POST {REDACTED} failed"
+    assert redact(f"path {SLACK_PATH}") == f"path {REDACTED}"
+
+
+def test_the_redactor_ignores_values_shorter_than_the_minimum_length() -> None:
+    short, long_enough = "s" * (MIN_SECRET_LEN - 1), "L" * MIN_SECRET_LEN
+    redact = Redactor([short, long_enough, ""])
+    assert redact(f"{short} {long_enough}") == f"{short} {REDACTED}"
+
+
+def test_the_redactor_leaves_text_without_secrets_unchanged() -> None:
+    assert Redactor([API_KEY])("nothing to hide here") == "nothing to hide here"
+
+
+# about.
+
+
+def test_about_drops_fields_that_are_none() -> None:
+    assert about(route="slack", event_id=None, request_id="r-1", status=None, attempt=0) == {
+        "route": "slack",
+        "request_id": "r-1",
+        "attempt": 0,
+    }
+
+
+# configure_logging: text.
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_message_holding_secrets_is_logged_with_them_redacted(
+    settings: Settings, log_format: str
+) -> None:
+    stream = configured(settings, log_format)
+    logging.getLogger("notifier.test").warning(
+        "key %s, slack %s, secret %s, redis password %s",
+        API_KEY,
+        SLACK_URL,
+        NEW_SECRET,
+        REDIS_PASSWORD,
+    )
+    output = stream.getvalue()
+    assert "ZZLEAK" not in output
+    assert output.count(REDACTED) == 4
+    assert "key [redacted], slack [redacted], secret [redacted], redis password [redacted]" in (
+        output
+    )
+
+
+def test_a_text_line_has_time_level_logger_and_message(settings: Settings) -> None:
+    stream = configured(settings)
+    logging.getLogger("notifier.poller").info("poll cycle: %d requests", 3)
+    [line] = stream.getvalue().splitlines()
+    assert line.endswith(" INFO notifier.poller: poll cycle: 3 requests")
+    assert line[:4].isdigit()  # the time comes first
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_traceback_holding_a_secret_is_redacted(settings: Settings, log_format: str) -> None:
+    stream = configured(settings, log_format)
+    try:
+        raise RuntimeError(f"could not POST to {SLACK_URL} with {OPS_HEADER}")
+    except RuntimeError:
+        logging.getLogger("notifier.worker").exception("delivery crashed")
+    output = stream.getvalue()
+    assert "RuntimeError: could not POST to [redacted] with [redacted]" in output.replace(
+        "\\n", "\n"
+    )
+    assert "Traceback" in output
+    assert "ZZLEAK" not in output
+
+
+def test_without_settings_lines_are_text_and_nothing_is_blanked() -> None:
+    stream = configured(None)
+    logging.getLogger("notifier.cli").warning("key %s", API_KEY)
+    assert stream.getvalue().endswith(f"WARNING notifier.cli: key {API_KEY}\n")
+
+
+def test_lines_below_the_configured_level_are_dropped(settings: Settings) -> None:
+    stream = io.StringIO()
+    configure_logging(settings, level=logging.WARNING, stream=stream)
+    log = logging.getLogger("notifier.test")
+    log.info("not shown")
+    log.warning("shown")
+    assert "not shown" not in stream.getvalue()
+    assert "shown" in stream.getvalue()
+
+
+def test_configuring_again_replaces_the_handler_instead_of_adding_one(
+    settings: Settings,
+) -> None:
+    first = configured(settings)
+    second = configured(settings, "json")
+    logging.getLogger("notifier.test").warning("once")
+    assert first.getvalue() == ""
+    assert [line["message"] for line in json_lines(second)] == ["once"]
+
+
+# configure_logging: JSON lines.
+
+
+def test_a_json_line_has_time_level_logger_and_message(settings: Settings) -> None:
+    stream = configured(settings, "json")
+    before = datetime.now(UTC).replace(microsecond=0)
+    logging.getLogger("notifier.poller").warning("cycle failed: %s", "HTTP 500")
+    [line] = json_lines(stream)
+    assert line.keys() == {"time", "level", "logger", "message"}
+    assert (line["level"], line["logger"], line["message"]) == (
+        "warning",
+        "notifier.poller",
+        "cycle failed: HTTP 500",
+    )
+    logged_at = datetime.fromisoformat(str(line["time"]))
+    assert logged_at.utcoffset() is not None
+    assert before <= logged_at <= datetime.now(UTC)
+
+
+def test_a_json_line_carries_the_request_fields_as_keys(settings: Settings) -> None:
+    stream = configured(settings, "json")
+    logging.getLogger("notifier.worker").info(
+        "delivered",
+        extra=about(
+            route="slack",
+            event_id="e-1",
+            request_id="r-1",
+            reference_id="batch-7",
+            status="completed",
+            entry_id=None,
+            attempt=2,
+        ),
+    )
+    [line] = json_lines(stream)
+    assert {key: line[key] for key in line if key not in ("time", "level", "logger")} == {
+        "message": "delivered",
+        "route": "slack",
+        "event_id": "e-1",
+        "request_id": "r-1",
+        "reference_id": "batch-7",
+        "status": "completed",
+        "attempt": 2,
+    }
+    assert "entry_id" not in line  # about() dropped the None
+
+
+def test_a_secret_in_a_json_field_is_redacted(settings: Settings) -> None:
+    stream = configured(settings, "json")
+    logging.getLogger("notifier.api").warning(
+        "skipped", extra=about(reference_id=f"ref-{API_KEY}", request_id=SLACK_PATH)
+    )
+    [line] = json_lines(stream)
+    assert (line["reference_id"], line["request_id"]) == (f"ref-{REDACTED}", REDACTED)
+
+
+def test_a_json_line_with_a_traceback_stays_one_parsable_line(settings: Settings) -> None:
+    stream = configured(settings, "json")
+    log = logging.getLogger("notifier.worker")
+    try:
+        raise ValueError(f"bad answer from {OPS_URL}")
+    except ValueError:
+        log.exception("send failed", extra=about(route="ops"))
+    log.info("next")
+    first, second = json_lines(stream)
+    assert first["message"] == "send failed"
+    assert first["route"] == "ops"
+    assert str(first["exception"]).startswith("Traceback (most recent call last):")
+    assert str(first["exception"]).endswith(f"ValueError: bad answer from {REDACTED}")
+    assert second["message"] == "next"
+    assert "exception" not in second
+
+
+def test_non_ascii_text_survives_a_json_line(settings: Settings) -> None:
+    stream = configured(settings, "json")
+    logging.getLogger("notifier.test").info("Überprüfung ✓ %s", "完成")
+    [line] = json_lines(stream)
+    assert line["message"] == "Überprüfung ✓ 完成"
+
+
+# The suite's logging.
+
+
+def test_restoring_the_root_logger_gives_caplog_its_lines_back(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = io.StringIO()
+    with restored_root_logger():
+        configure_logging(settings, level=logging.ERROR, stream=stream)
+        logging.getLogger("notifier.test").error("while configured")
+    caplog.set_level(logging.INFO)
+    logging.getLogger("notifier.test").info("after restoring")
+    assert [record.getMessage() for record in caplog.records] == ["after restoring"]
+    assert "while configured" in stream.getvalue()
+    assert "after restoring" not in stream.getvalue()
