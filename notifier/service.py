@@ -240,6 +240,8 @@ async def _check_api_key(api: ApiClient) -> None:
 async def _check_redis(client: redis.asyncio.Redis, settings: Settings) -> None:
     """Rejected credentials are a configuration error; a Redis that is down is waited for.
     Warn about settings that lose notifications: no AOF, or an eviction policy."""
+    if settings.redis_url is None:
+        return  # the in-memory store: open_redis warned already
     try:
         await client.ping()
         persistence = await client.info("persistence")
@@ -250,8 +252,6 @@ async def _check_redis(client: redis.asyncio.Redis, settings: Settings) -> None:
         ) from None
     except (RedisError, OSError) as exc:
         log.warning("Redis is unreachable at start-up (%s); waiting for it", exc)
-        return
-    if settings.redis_url is None:
         return
     if not int(persistence.get("aof_enabled", 0)):
         log.warning(

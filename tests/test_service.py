@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from notifier import poller as poller_module
+from notifier import worker as worker_module
 from notifier.api import ApiClient, AuthError
 from notifier.config import ConfigError, Settings, load_settings
 from notifier.delivery import Delivery, sink_session
@@ -258,6 +259,7 @@ async def test_readyz_names_redis_while_it_is_down_and_recovers_after(rig: Rig) 
             assert body["ready"] is False
             assert body["reason"].startswith("Redis is unreachable")
             assert (await replica.get("/healthz"))[0] == 200  # alive all the same
+            assert sample(await replica.metrics(), "notifier_redis_up") == 0
         finally:
             rig.redis_server.start()  # empty: the test server runs without persistence
 
@@ -271,7 +273,6 @@ async def test_readyz_says_shutting_down_once_stop_is_set(rig: Rig) -> None:
         await replica.wait_readyz(200)
 
         replica.stop.set()
-        await asyncio.sleep(0)
 
         assert await replica.readyz() == (503, {"ready": False, "reason": "shutting down"})
         assert (await replica.get("/healthz"))[0] == 200
@@ -303,7 +304,7 @@ async def test_a_standby_replica_is_ready_while_the_leader_completes_cycles(rig:
         assert leader.service.poller.lease.held
 
         async with rig.replica(rig.settings()) as standby:
-            body = await standby.wait_readyz(200)
+            await standby.wait_readyz(200)
             await asyncio.sleep(3 * POLL_INTERVAL)  # ready for longer than the window
             body = await standby.wait_readyz(200, timeout=0.1)
 
@@ -311,6 +312,27 @@ async def test_a_standby_replica_is_ready_while_the_leader_completes_cycles(rig:
             assert not standby.service.poller.lease.held
             assert sample(await standby.metrics(), "notifier_poller_leader") == 0
             assert sample(await leader.metrics(), "notifier_poller_leader") == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: a worker whose route has no consumer group reads in a tight loop "
+    "(RouteQueue._read_blocking returns at once on NOGROUP, without waiting BLOCK_S)",
+)
+async def test_a_standby_waits_quietly_while_no_cycle_created_the_consumer_groups(
+    rig: Rig,
+) -> None:
+    async def xreadgroup_calls() -> int:
+        stats = await rig.client.info("commandstats")
+        return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+    await rig.client.set(rig.keys.lease, "another-replica", px=60_000)  # and no cycle yet
+    before = await xreadgroup_calls()
+    async with rig.replica(rig.settings()):
+        await asyncio.sleep(1.0)
+    reads = await xreadgroup_calls() - before
+
+    assert reads <= 1.0 / worker_module.BLOCK_S + 4  # one blocking read per BLOCK_S
 
 
 @pytest.mark.parametrize(
