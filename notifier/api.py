@@ -24,6 +24,7 @@ from notifier.config import Settings, env_name
 from notifier.logs import about
 from notifier.metrics import Metrics
 from notifier.models import LipsyncRequest
+from notifier.redact import REDACTED
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class ApiClient:
             ) from None
         if key := self._api_key.get_secret_value():
             # Blank the key in case the API echoes it: error messages quote the body.
-            body = body.replace(key.encode(), b"[redacted]")
+            body = body.replace(key.encode(), REDACTED.encode())
         return _read_answer(answer.status, answer.headers, body, offset)
 
 

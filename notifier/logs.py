@@ -11,59 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 from notifier.config import Settings
+from notifier.redact import Redactor, secrets_of
 
 # Extra fields a log line about a request or a delivery may carry, in JSON key order.
 FIELDS = ("route", "event_id", "request_id", "reference_id", "status", "entry_id", "attempt")
-REDACTED = "[redacted]"
-# Shorter values are not searched for: blanking every "abc" would garble the logs, and
-# a secret that short is no secret.
-MIN_SECRET_LEN = 8
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def about(**fields: Any) -> dict[str, Any]:
     """The `extra` of a log line about a request: `log.info(..., extra=about(route=...))`."""
     return {name: value for name, value in fields.items() if value is not None}
-
-
-def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value in the settings: API key, Redis URL and password, webhook
-    secrets, route URLs (and their paths, which hold a Slack webhook's token), header values."""
-    values: list[str] = []
-    for secret in (settings.api_key, settings.webhook_secret, settings.slack_webhook_url):
-        if secret is not None:
-            values += secret.get_secret_value().split()
-    if settings.redis_url is not None:
-        url = settings.redis_url.get_secret_value()
-        values += [url, urlsplit(url).password or ""]
-    for route in settings.routes:
-        url = route.url.get_secret_value()
-        parts = urlsplit(url)
-        values += [url, parts.path + (f"?{parts.query}" if parts.query else "")]
-        if route.secret is not None:
-            values += route.secret.get_secret_value().split()
-        values += [value.get_secret_value() for value in route.headers.values()]
-    return values
-
-
-class Redactor:
-    """Blanks known secret values in a text."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first: a URL is blanked whole before its path is looked for.
-        self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len)[::-1]
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
 
 
 class TextFormatter(logging.Formatter):
@@ -100,6 +61,8 @@ class JsonFormatter(logging.Formatter):
                 line[name] = self._redact(value) if isinstance(value, str) else value
         if record.exc_info:
             line["exception"] = self._redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            line["stack"] = self._redact(self.formatStack(record.stack_info))
         return json.dumps(line, ensure_ascii=False)
 
 

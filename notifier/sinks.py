@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -22,14 +21,12 @@ from notifier import USER_AGENT
 from notifier.backoff import parse_retry_after
 from notifier.config import Route, decode_webhook_secrets
 from notifier.models import Delivered, Permanent, Retry, SendResult
+from notifier.redact import Redactor, route_secrets
 from notifier.render import Message
 
 # Bytes of an answer read at most: enough for any error message, bounded for a hostile one.
 MAX_ANSWER_BYTES = 64 * 1024
 REASON_BODY_CHARS = 300
-# Route header values this long are redacted from answers; shorter ones ("dub") are
-# labels, and blanking them everywhere would garble the reason.
-MIN_TOKEN = 8
 # Slack's answers to an incoming-webhook POST that no retry can fix
 # (https://api.slack.com/messaging/webhooks#handling_errors).
 SLACK_PERMANENT_ERRORS = frozenset(
@@ -151,11 +148,9 @@ class Sink:
         self._route_headers = {
             name: value.get_secret_value() for name, value in route.headers.items()
         }
-        path = urlsplit(self._url).path
         # What a receiver must not get us to quote: the URL, its path (a Slack URL's path
         # is the credential) and the route's header values (tokens, usually).
-        tokens = {value for value in self._route_headers.values() if len(value) >= MIN_TOKEN}
-        self._secrets = sorted({self._url, path, *tokens} - {"", "/"}, key=len, reverse=True)
+        self._redact = Redactor(route_secrets(route))
 
     async def send(self, message: Message) -> SendResult:
         """One attempt: POST the message, never following redirects; never raises for I/O."""
@@ -168,7 +163,7 @@ class Sink:
                 timeout=self._timeout,
             ) as response:
                 raw = await _read_at_most(response.content, MAX_ANSWER_BYTES)
-                body = self._redacted(raw.decode(errors="replace"))
+                body = self._redact(raw.decode(errors="replace"))
                 answer = Answer(response.status, response.headers, body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return classify(exc)  # its reason never quotes the exception's text
@@ -190,9 +185,3 @@ class Sink:
                     self._keys, message.event_id, timestamp, message.body
                 )
         return headers
-
-    def _redacted(self, body: str) -> str:
-        """The answer without the route's secrets, before any of it can be quoted in a reason."""
-        for secret in self._secrets:  # longest first: the URL before its own path
-            body = body.replace(secret, "<redacted>")
-        return body

@@ -1,4 +1,10 @@
-"""Sample API items shared by the tests: the examples of the API reference page."""
+"""Sample data shared by the tests: the examples of the API reference page, and settings
+holding every kind of secret."""
+
+import base64
+from pathlib import Path
+
+from notifier.config import Settings, load_settings
 
 COMPLETED = {
     "id": "6f82a2d8-a6d4-4e8a-a0fa-e8b09823a2d8",
@@ -19,3 +25,42 @@ QUEUED = {
 DETECTED_MS = 1_774_868_470_250
 # The key the test simulator accepts: distinctive, so tests can assert it never leaks.
 SIMULATOR_KEY = "sk-ZZLEAK-simulator-key-4f1c"
+
+# Settings with every kind of secret, each holding ZZLEAK so tests can search for it.
+API_KEY = "sk-live-ZZLEAK-api-key-0042"
+REDIS_PASSWORD = "ZZLEAK-redis-password"  # noqa: S105 - a test value, not a secret
+REDIS_URL = f"redis://notifier:{REDIS_PASSWORD}@redis.internal:6379/2"
+SLACK_PATH = "/services/T0TEAM/B0HOOK/ZZLEAKslacktoken"
+SLACK_URL = f"https://hooks.slack.com{SLACK_PATH}"
+WEBHOOK_URL = "https://receiver.example/notifier-hook"
+# Two signing secrets, as during a rotation: each is blanked on its own.
+OLD_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-old-signing-key").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-new-signing-key").decode()
+OPS_URL = "https://ops.example/hooks/ZZLEAK-ops-path?token=ZZLEAK-query"
+OPS_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-ops-signing-key").decode()
+OPS_HEADER = "Bearer ZZLEAK-header-value"
+ROUTES_TOML = f"""
+[[routes]]
+name = "ops"
+type = "webhook"
+url = "{OPS_URL}"
+secret = "{OPS_SECRET}"
+headers = {{ "Authorization" = "{OPS_HEADER}" }}
+"""
+
+
+def settings_full_of_secrets(directory: Path) -> Settings:
+    """Every kind of secret: API key, Redis URL with a password, Slack URL, two webhook
+    secrets, and a TOML route (written to `directory`) with its own URL, secret and header."""
+    config = directory / "notifier.toml"
+    config.write_text(ROUTES_TOML)
+    return load_settings(
+        {
+            "config": str(config),
+            "api_key": API_KEY,
+            "redis_url": REDIS_URL,
+            "slack_webhook_url": SLACK_URL,
+            "webhook_url": WEBHOOK_URL,
+            "webhook_secret": f"{OLD_SECRET} {NEW_SECRET}",
+        }
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
@@ -13,54 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from notifier.config import Settings, load_settings
-from notifier.logs import (
-    MIN_SECRET_LEN,
-    REDACTED,
-    Redactor,
-    about,
-    configure_logging,
-    secrets_of,
-)
+from notifier.config import Settings
+from notifier.logs import about, configure_logging
+from notifier.redact import REDACTED
 
-API_KEY = "sk-live-ZZLEAK-api-key-0042"
-REDIS_PASSWORD = "ZZLEAK-redis-password"  # noqa: S105 - a test value, not a secret
-REDIS_URL = f"redis://notifier:{REDIS_PASSWORD}@redis.internal:6379/2"
-SLACK_PATH = "/services/T0TEAM/B0HOOK/ZZLEAKslacktoken"
-SLACK_URL = f"https://hooks.slack.com{SLACK_PATH}"
-WEBHOOK_URL = "https://receiver.example/notifier-hook"
-# Two signing secrets, as during a rotation: each is blanked on its own.
-OLD_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-old-signing-key").decode()
-NEW_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-new-signing-key").decode()
-OPS_URL = "https://ops.example/hooks/ZZLEAK-ops-path?token=ZZLEAK-query"
-OPS_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-ops-signing-key").decode()
-OPS_HEADER = "Bearer ZZLEAK-header-value"
-ROUTES_TOML = f"""
-[[routes]]
-name = "ops"
-type = "webhook"
-url = "{OPS_URL}"
-secret = "{OPS_SECRET}"
-headers = {{ "Authorization" = "{OPS_HEADER}" }}
-"""
+from samples import (
+    API_KEY,
+    NEW_SECRET,
+    OPS_HEADER,
+    OPS_URL,
+    REDIS_PASSWORD,
+    SLACK_PATH,
+    SLACK_URL,
+    settings_full_of_secrets,
+)
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Every kind of secret: API key, Redis URL with a password, Slack URL, two webhook
-    secrets, and a TOML route with its own URL, secret and header."""
-    config = tmp_path / "notifier.toml"
-    config.write_text(ROUTES_TOML)
-    return load_settings(
-        {
-            "config": str(config),
-            "api_key": API_KEY,
-            "redis_url": REDIS_URL,
-            "slack_webhook_url": SLACK_URL,
-            "webhook_url": WEBHOOK_URL,
-            "webhook_secret": f"{OLD_SECRET} {NEW_SECRET}",
-        }
-    )
+    """Settings holding every kind of secret."""
+    return settings_full_of_secrets(tmp_path)
 
 
 @contextlib.contextmanager
@@ -100,60 +71,6 @@ def configured(settings: Settings | None, log_format: str = "text") -> io.String
 
 def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-# secrets_of.
-
-
-def test_secrets_of_lists_every_secret_value_of_the_settings(settings: Settings) -> None:
-    secrets = secrets_of(settings)
-    for value in (
-        API_KEY,
-        REDIS_URL,
-        REDIS_PASSWORD,
-        SLACK_URL,
-        SLACK_PATH,  # a Slack webhook's token lives in its path
-        OLD_SECRET,
-        NEW_SECRET,
-        WEBHOOK_URL,
-        OPS_URL,
-        "/hooks/ZZLEAK-ops-path?token=ZZLEAK-query",
-        OPS_SECRET,
-        OPS_HEADER,
-    ):
-        assert value in secrets, value
-    assert f"{OLD_SECRET} {NEW_SECRET}" not in secrets  # split: each may be logged alone
-
-
-def test_secrets_of_settings_without_secrets_finds_nothing_to_blank() -> None:
-    secrets = secrets_of(load_settings({"webhook_url": "http://127.0.0.1:9/h"}))
-    assert [value for value in secrets if len(value) >= MIN_SECRET_LEN] == ["http://127.0.0.1:9/h"]
-
-
-# Redactor.
-
-
-def test_the_redactor_blanks_every_occurrence_of_each_secret() -> None:
-    redact = Redactor(["first-secret-value", "second-secret-value"])
-    text = "a first-secret-value b second-secret-value c first-secret-value"
-    assert redact(text) == f"a {REDACTED} b {REDACTED} c {REDACTED}"
-
-
-def test_the_redactor_blanks_a_url_whole_before_looking_for_its_path() -> None:
-    # Given path first: the order of the settings must not leave the host showing.
-    redact = Redactor([SLACK_PATH, SLACK_URL])
-    assert redact(f"POST {SLACK_URL} failed") == f"POST {REDACTED} failed"
-    assert redact(f"path {SLACK_PATH}") == f"path {REDACTED}"
-
-
-def test_the_redactor_ignores_values_shorter_than_the_minimum_length() -> None:
-    short, long_enough = "s" * (MIN_SECRET_LEN - 1), "L" * MIN_SECRET_LEN
-    redact = Redactor([short, long_enough, ""])
-    assert redact(f"{short} {long_enough}") == f"{short} {REDACTED}"
-
-
-def test_the_redactor_leaves_text_without_secrets_unchanged() -> None:
-    assert Redactor([API_KEY])("nothing to hide here") == "nothing to hide here"
 
 
 # about.

@@ -579,11 +579,6 @@ async def test_a_redis_that_evicts_keys_is_warned_about(
     assert any(m.startswith("Redis evicts keys (maxmemory-policy allkeys-lru)") for m in messages)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: fakeredis has no INFO, so _check_redis reports the embedded store "
-    "as 'Redis is unreachable at start-up'",
-)
 async def test_the_embedded_store_passes_the_start_up_check_silently(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
