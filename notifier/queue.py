@@ -9,6 +9,7 @@ live worker will find it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -285,6 +286,9 @@ class RouteQueue:
             )
         except ResponseError as exc:
             if await self._no_group(exc):
+                # Nothing to block on until a poll cycle creates the group: wait as a
+                # blocking read would, instead of asking again at once.
+                await asyncio.sleep(block_s)
                 return []
             raise
         return [(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
@@ -324,7 +328,10 @@ class RouteQueue:
 
     async def _no_group(self, exc: ResponseError) -> bool:
         """Whether `exc` says the outbox or this route's group does not exist (yet)."""
-        return str(exc).startswith("NOGROUP") or not await self.redis.exists(self.keys.outbox)
+        message = str(exc)
+        if message.startswith("NOGROUP") or "no such key" in message:
+            return True
+        return not await self.redis.exists(self.keys.outbox)
 
     async def _alive(self, consumers: Sequence[str]) -> dict[str, bool]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 import redis.asyncio
+from redis.exceptions import ResponseError
 
 from notifier.dlq import DeadLetter, DeadLetters, dead_letter_fields
 from notifier.keys import Keys
@@ -135,6 +137,30 @@ async def test_take_new_without_the_routes_group_takes_nothing(
 ) -> None:
     await outbox(redis_client, 2)
     assert await route_queue(redis_client, clock, route="archive").take_new(10) == []
+
+
+async def test_a_blocking_read_without_the_routes_group_waits_instead_of_spinning(
+    redis_client: redis.asyncio.Redis, clock: FakeClock
+) -> None:
+    started = time.monotonic()
+    assert await route_queue(redis_client, clock).take_new(10, block_s=0.3) == []
+    assert time.monotonic() - started >= 0.3
+
+
+async def test_an_outbox_created_while_looking_for_orphans_is_no_error(
+    redis_client: redis.asyncio.Redis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # XINFO CONSUMERS answered "no such key"; the first poll cycle created the outbox
+    # before the queue could check whether it exists.
+    await outbox(redis_client, 1)
+
+    async def missing(*_args: object) -> None:
+        raise ResponseError("no such key")
+
+    monkeypatch.setattr(redis_client, "xinfo_consumers", missing)
+    queue = route_queue(redis_client, clock)
+    await queue.find_orphans()
+    assert queue.orphaned == []
 
 
 # Settling outbox entries.

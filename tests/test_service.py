@@ -314,11 +314,6 @@ async def test_a_standby_replica_is_ready_while_the_leader_completes_cycles(rig:
             assert sample(await leader.metrics(), "notifier_poller_leader") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a worker whose route has no consumer group reads in a tight loop "
-    "(RouteQueue._read_blocking returns at once on NOGROUP, without waiting BLOCK_S)",
-)
 async def test_a_standby_waits_quietly_while_no_cycle_created_the_consumer_groups(
     rig: Rig,
 ) -> None:
