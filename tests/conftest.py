@@ -7,6 +7,8 @@ when the `redis-server` binary is missing and `CI` is unset; in CI it must run.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import shutil
 import socket
@@ -58,10 +60,27 @@ class FakeClock:
         return round(self.now * 1000)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def eventually(
+    probe: Callable[[], object], what: str = "the condition", *, timeout: float = 10.0
+) -> float:
+    """Wait until `probe()` (a value, or an awaitable of one) is true, looking every 20 ms;
+    the seconds it took. Fails naming `what` after `timeout` seconds."""
+    started = time.monotonic()
+    while True:
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:g} s"
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +97,7 @@ class RedisServer:
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

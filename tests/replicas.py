@@ -10,34 +10,31 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-Labels = frozenset[tuple[str, str]]
+from conftest import free_port
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def parse_metrics(text: str) -> Samples:
+    """Every sample of a Prometheus exposition, by name and sorted labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait until `check()` holds; the seconds it took. Fails naming `what` after `timeout`."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of one sample, or None if the exposition lacks it."""
+    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 @dataclass
@@ -115,17 +112,11 @@ class Replica:
                 raise AssertionError(f"{self.name} not ready within {timeout} s: {answer}")
             await asyncio.sleep(0.1)
 
-    async def metrics(self) -> dict[tuple[str, Labels], float]:
-        """The samples of /metrics, parsed by prometheus-client: (name, labels) -> value."""
+    async def metrics(self) -> Samples:
+        """The samples of /metrics (none if the process does not answer)."""
         status, text = await self.get("/metrics")
-        if status != 200:
-            return {}
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return parse_metrics(text) if status == 200 else {}
 
     async def metric(self, name: str, **labels: str) -> float | None:
         """One sample of /metrics, or None if absent (or the process does not answer)."""
-        return (await self.metrics()).get((name, frozenset(labels.items())))
+        return sample(await self.metrics(), name, **labels)

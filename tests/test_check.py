@@ -25,7 +25,7 @@ from notifier.check import CHECK_MISCONFIGURED, CHECK_PASSED, CHECK_UNREACHABLE,
 from notifier.config import load_settings
 from notifier.simulator import Fault, FaultKind, Simulator
 
-from conftest import RedisServer
+from conftest import RedisServer, free_port
 from samples import SIMULATOR_KEY
 
 WRONG_KEY = "sk-live-ZZLEAK-wrong-key-9d2e"
@@ -44,13 +44,6 @@ SECRETS = (
     "ZZLEAK",
 )
 TIMEOUT = 60
-
-
-def free_port() -> int:
-    """A local port with nothing listening on it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from notifier.queue import RouteQueue
 from notifier.simulator import Fault, FaultKind, Simulator
 from notifier.store import Store, connect_redis
 
-from conftest import FakeClock
+from conftest import FakeClock, eventually
 from receiver import Receiver
 from samples import QUEUED, SIMULATOR_KEY
 
@@ -72,14 +71,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
 def labelled(metrics: Metrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """Every sample of `name`: sorted label pairs -> value."""
     return {tuple(sorted(s.labels.items())): s.value for s in samples(metrics) if s.name == name}
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
-    """Wait until `check()` is true, looking every 10 ms."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition did not become true in time"
-        await asyncio.sleep(0.01)
 
 
 # The registry and the delivery counters.

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -33,7 +33,7 @@ from notifier.poller import Poller
 from notifier.simulator import Fault, FaultKind, Simulator
 from notifier.store import LeaseLost, connect_redis
 
-from conftest import RedisFactory, RedisServer
+from conftest import RedisFactory, RedisServer, eventually
 from samples import SIMULATOR_KEY
 
 NOTIFY_ON = ("completed", "failed")
@@ -105,14 +105,6 @@ async def running(poller: Poller) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=5)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
-    """Wait until `check()` is true, polling every 20 ms."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "the condition did not become true in time"
-        await asyncio.sleep(0.02)
 
 
 async def outbox(poller: Poller) -> list[Event]:

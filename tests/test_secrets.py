@@ -19,9 +19,9 @@ from aiohttp import web
 from notifier.simulator import Simulator
 from notifier.store import connect_redis
 
-from conftest import RedisServer
+from conftest import RedisServer, eventually
 from receiver import Receiver
-from replicas import Replica, eventually
+from replicas import Replica
 from samples import SIMULATOR_KEY
 
 MARK = "ZZLEAK"  # every secret below holds it; nothing the notifier prints may
@@ -110,7 +110,7 @@ async def test_no_command_prints_a_secret(leaky: Leaky, log_format: str) -> None
         for created in requests:
             leaky.simulator.complete(created.id)
         # Two events, two routes, each refused: four dead letters, with quoted answers.
-        await eventually(lambda: len(leaky.receiver.seen) >= 8, 20, "every attempt made")
+        await eventually(lambda: len(leaky.receiver.seen) >= 8, "every attempt made", timeout=20)
         await asyncio.sleep(0.5)
         for path in ("/metrics", "/readyz", "/healthz"):
             status, body = await replica.get(path)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,6 @@ import fakeredis
 import pytest
 import redis.asyncio
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from notifier import poller as poller_module
 from notifier import worker as worker_module
@@ -35,8 +33,9 @@ from notifier.service import Service, _check_api_key, _check_redis, _serving
 from notifier.simulator import Fault, FaultKind, SimulatedRequest, Simulator
 from notifier.store import connect_redis
 
-from conftest import RedisServer
+from conftest import RedisServer, eventually, free_port
 from receiver import Receiver
+from replicas import Samples, parse_metrics, sample
 from samples import SIMULATOR_KEY
 
 # A key the simulator is switched to, so the notifier's own key is rejected.
@@ -58,44 +57,6 @@ def _fast_poller_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed cycle (Redis down, key rejected) is tried again within a fraction of a second."""
     monkeypatch.setattr(poller_module, "TRANSIENT_BACKOFF", (0.05, 0.2))
     monkeypatch.setattr(poller_module, "AUTH_BACKOFF", (0.1, 0.2))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def until(
-    probe: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 5.0
-) -> None:
-    """Wait until `probe()` is true, checking every 20 ms; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        await asyncio.sleep(0.02)
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse_metrics(text: str) -> Samples:
-    """Every sample of a Prometheus exposition, by name and sorted labels."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float | None:
-    """The value of one sample, or None if the exposition lacks it."""
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 @dataclass
@@ -133,7 +94,9 @@ class Replica:
             answers.append(await self.readyz())
             return answers[-1][0] == status
 
-        await until(answers_so, f"/readyz answering {status} (last: {answers[-1:]})", timeout)
+        await eventually(
+            answers_so, f"/readyz answering {status} (last: {answers[-1:]})", timeout=timeout
+        )
         return answers[-1][1]
 
     async def metrics(self) -> Samples:
@@ -355,7 +318,7 @@ async def test_readyz_quotes_the_api_while_it_rejects_the_key_and_recovers(
         assert replica.task is not None
         assert not replica.task.done()  # it keeps trying
         calls = rig.simulator.calls
-        await until(lambda: rig.simulator.calls > calls + 1, "the poller trying again")
+        await eventually(lambda: rig.simulator.calls > calls + 1, "the poller trying again")
         assert (await replica.readyz())[0] == 503
 
         rig.simulator.api_key = SIMULATOR_KEY  # fixed
@@ -373,13 +336,13 @@ async def test_metrics_count_a_delivered_transition_and_its_latency(rig: Rig) ->
     async with rig.replica(rig.settings()) as replica:
         await replica.wait_readyz(200)  # the baseline recorded the request
         rig.simulator.complete(request.id)
-        await until(lambda: len(rig.receiver.to("/hook")) == 1, "the delivery")
+        await eventually(lambda: len(rig.receiver.to("/hook")) == 1, "the delivery")
         deliveries = ("notifier_deliveries_total", {"route": "webhook", "outcome": "delivered"})
 
         async def counted() -> bool:
             return sample(await replica.metrics(), deliveries[0], **deliveries[1]) == 1
 
-        await until(counted, "the delivery counted in /metrics")
+        await eventually(counted, "the delivery counted in /metrics")
 
         status, content_type, body = await replica.get("/metrics")
         assert (status, content_type) == (200, "text/plain")
@@ -408,7 +371,7 @@ async def test_a_stop_waits_for_a_stalled_send_until_cancel_then_hands_it_back(
         assert replica.task is not None
         await replica.wait_readyz(200)
         rig.simulator.complete(request.id)
-        await until(lambda: len(rig.receiver.to("/hook")) == 1, "the send in flight")
+        await eventually(lambda: len(rig.receiver.to("/hook")) == 1, "the send in flight")
 
         replica.stop.set()
         done, _ = await asyncio.wait({replica.task}, timeout=1.0)
@@ -439,7 +402,9 @@ async def test_a_stop_waits_for_a_stalled_send_until_cancel_then_hands_it_back(
     rig.receiver.always("/hook", 200)
     async with rig.replica(rig.settings()) as second:
         delivery = second.service.delivery
-        await until(lambda: delivery.tally.delivered == 1, "the handed-back delivery", 3.0)
+        await eventually(
+            lambda: delivery.tally.delivered == 1, "the handed-back delivery", timeout=3.0
+        )
         assert (await delivery.backlog()).total == 0
     expected = event_id(request.id, "completed")
     assert [seen.event_id for seen in rig.receiver.to("/hook")] == [expected, expected]
@@ -458,7 +423,7 @@ async def test_a_stop_lets_a_slow_send_finish_and_records_its_outcome(rig: Rig) 
         assert replica.task is not None
         await replica.wait_readyz(200)
         rig.simulator.complete(request.id)
-        await until(lambda: len(rig.receiver.to("/hook")) == 1, "the send in flight")
+        await eventually(lambda: len(rig.receiver.to("/hook")) == 1, "the send in flight")
         [seen] = rig.receiver.to("/hook")
 
         replica.stop.set()  # and cancel is never set
