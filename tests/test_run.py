@@ -112,7 +112,9 @@ async def _signal_and_time_exit(replica: Replica, timeout: float = 15) -> tuple[
     signalled = time.monotonic()
     replica.send(signal.SIGTERM)
     code = await replica.exited(timeout)
-    return code, time.monotonic() - signalled
+    took = time.monotonic() - signalled
+    print(f"\n{replica.name} exited with {code} {took:.2f} s after SIGTERM")
+    return code, took
 
 
 async def test_sigterm_lets_sends_in_flight_finish_and_exits_0_in_time(rig: Rig) -> None:
