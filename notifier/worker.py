@@ -145,7 +145,9 @@ class RouteWorker:
         failures, next_retry_check = 0, 0.0
         async with running(self._settle_forever, wake=self._to_settle):
             while not stop.is_set():
-                await self._room()
+                await self._room(stop)
+                if stop.is_set():
+                    break  # nothing more is read once stopping
                 if await self._wait_for_slot(stop):
                     continue
                 check_retries = time.monotonic() >= next_retry_check
@@ -191,16 +193,26 @@ class RouteWorker:
         """How many deliveries to read now: one at a time for Slack (paced), else the room."""
         return 1 if self._slot else self.route.max_concurrency - self._sending
 
-    async def _room(self) -> None:
-        """Wait for a free send slot, and for Redis to keep up with recording outcomes."""
-        most = self.route.max_concurrency
-        if self._sending < most and self._unsettled < UNSETTLED_PER_SLOT * most:
+    async def _room(self, stop: asyncio.Event | None = None) -> None:
+        """Wait for a free send slot, and for Redis to keep up with recording outcomes;
+        or until `stop` is set."""
+        if not self._full():
             return
-        while self._sending >= most or self._unsettled >= UNSETTLED_PER_SLOT * most:
-            self._freed.clear()
-            await self._freed.wait()
+        if stop is None:
+            await self._until_room()
+        else:
+            await unless_stopped(self._until_room(), stop)
         # Sends that end together free their slots together: one read takes them all.
         await asyncio.sleep(0)
+
+    def _full(self) -> bool:
+        most = self.route.max_concurrency
+        return self._sending >= most or self._unsettled >= UNSETTLED_PER_SLOT * most
+
+    async def _until_room(self) -> None:
+        while self._full():
+            self._freed.clear()
+            await self._freed.wait()
 
     async def _all_sent(self) -> None:
         while self._sending:
