@@ -441,6 +441,36 @@ async def test_a_slack_retry_after_holds_the_url_for_every_message(real_rig: Rig
     assert all(seen.at - first.at >= 1.95 for seen in rest)
 
 
+async def test_a_pass_schedules_slack_messages_held_longer_than_it_waits(real_rig: Rig) -> None:
+    # `once` from cron: a 429 holding the URL for a minute must not keep it running.
+    rig = real_rig
+    settings = rig.settings(slack_webhook_url=rig.receiver.url(SLACK_PATH))
+    await rig.transitions(settings, completed=2)
+    rig.receiver.plan(SLACK_PATH, (429, "rate limited", {"retry-after": "60"}))
+    delivery = rig.delivery(settings)
+
+    started = time.monotonic()
+    tally = await delivery.deliver_due()
+
+    assert time.monotonic() - started < 2
+    assert tally.by_route["slack"] == {"retried": 1}
+    assert (await delivery.backlog()).retries == 2  # the other one waits for the slot too
+
+
+async def test_a_pass_does_not_wait_for_the_slack_slot_after_its_last_message(
+    real_rig: Rig,
+) -> None:
+    rig = real_rig
+    settings = rig.settings(slack_webhook_url=rig.receiver.url(SLACK_PATH))
+    await rig.transitions(settings, completed=1)
+
+    started = time.monotonic()
+    tally = await rig.delivery(settings).deliver_due()
+
+    assert tally.by_route["slack"] == {"delivered": 1}
+    assert time.monotonic() - started < 0.8  # not the 1 s pacing interval on top
+
+
 # Workers that die, and Redis that fails.
 
 
