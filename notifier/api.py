@@ -176,6 +176,17 @@ class ApiClient:
         """A new complete listing of the account: `async for page in api.listing()`."""
         return Listing(self)
 
+    async def check_key(self) -> ApiError | None:
+        """One call with limit=1: raises `AuthError` if the API rejects the key, returns
+        any other failure (poll cycles retry those), None if the call worked."""
+        try:
+            await self.fetch_page(0, 1)
+        except AuthError:
+            raise
+        except ApiError as exc:
+            return exc
+        return None
+
     async def fetch_page(self, offset: int, limit: int) -> ListResponse:
         """One list call; raises an `ApiError` subclass for anything but a usable page."""
         try:

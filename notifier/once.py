@@ -71,6 +71,7 @@ async def run_once(settings: Settings) -> OnceReport:
     client = open_redis(settings)
     try:
         async with ApiClient(settings) as api, sink_session() as session:
+            await api.check_key()  # first: a rejected key is the only thing said
             try:
                 report.cycle = await _cycle(Poller(settings, client, api))
             except AuthError:

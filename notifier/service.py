@@ -24,10 +24,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 
-from notifier.api import ApiClient, ApiError, AuthError
+from notifier.api import ApiClient
 from notifier.config import ConfigError, Settings, env_name
 from notifier.delivery import Delivery, sink_session
-from notifier.metrics import Metrics
 from notifier.poller import Poller
 from notifier.store import open_redis
 
@@ -205,36 +204,39 @@ async def run_service(settings: Settings) -> int:
     `ConfigError` if Redis rejects its credentials or the HTTP port is taken."""
     shutdown = Shutdown()
     shutdown.install()
-    metrics = Metrics()
-    client = open_redis(settings)
-    try:
-        async with ApiClient(settings, metrics) as api, sink_session() as session:
-            await _check_api_key(api)
-            await _check_redis(client, settings)
-            delivery = Delivery(settings, client, session, metrics=metrics)
-            service = Service(settings, client, api, delivery)
-            async with _serving(service, settings):
-                log.info(
-                    "notifier running: %d routes, polling every %g s, consumer %s",
-                    len(settings.routes),
-                    settings.poll_interval,
-                    delivery.consumer,
-                )
-                await service.run(shutdown.stop, shutdown.cancel)
-    finally:
-        await client.aclose()
+    async with ApiClient(settings) as api:
+        await _check_api_key(api)  # first: a rejected key is the only thing said
+        client = open_redis(settings)
+        try:
+            await _run(settings, client, api, shutdown)
+        finally:
+            await client.aclose()
     log.info("notifier stopped")
     return 0
 
 
+async def _run(
+    settings: Settings, client: redis.asyncio.Redis, api: ApiClient, shutdown: Shutdown
+) -> None:
+    """Check Redis, then poll, deliver and serve HTTP until the shutdown is complete."""
+    async with sink_session() as session:
+        await _check_redis(client, settings)
+        delivery = Delivery(settings, client, session, metrics=api.metrics)
+        service = Service(settings, client, api, delivery)
+        async with _serving(service, settings):
+            log.info(
+                "notifier running: %d routes, polling every %g s, consumer %s",
+                len(settings.routes),
+                settings.poll_interval,
+                delivery.consumer,
+            )
+            await service.run(shutdown.stop, shutdown.cancel)
+
+
 async def _check_api_key(api: ApiClient) -> None:
     """A rejected key is a configuration error at start-up; an API that is down is not."""
-    try:
-        await api.fetch_page(0, 1)
-    except AuthError:
-        raise
-    except ApiError as exc:
-        log.warning("the Chamelaion API failed at start-up (%s); polling keeps trying", exc)
+    if (failure := await api.check_key()) is not None:
+        log.warning("the Chamelaion API failed at start-up (%s); polling keeps trying", failure)
 
 
 async def _check_redis(client: redis.asyncio.Redis, settings: Settings) -> None:

@@ -323,6 +323,8 @@ async def test_a_key_the_api_rejects_at_start_up_exits_2_with_its_message(rig: R
 
     output = replica.output()
     assert code == 2
+    assert output.startswith("notifier: the Chamelaion API rejected the API key")
+    assert output.count("\n") == 1  # one paragraph, and no log line before it
     assert "invalid token" in output
     assert "NOTIFIER_API_KEY" in output
     assert "Traceback" not in output
