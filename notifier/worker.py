@@ -148,10 +148,10 @@ class RouteWorker:
                 await self._room(stop)
                 if stop.is_set():
                     break  # nothing more is read once stopping
-                if await self._wait_for_slot(stop):
-                    continue
                 check_retries = time.monotonic() >= next_retry_check
                 try:
+                    if await self._wait_for_slot(stop):
+                        continue
                     taken = await self._take(BLOCK_S, check_retries=check_retries)
                     await self._start_all(taken)
                 except (RedisError, OSError) as exc:
@@ -235,7 +235,7 @@ class RouteWorker:
             self._freed.clear()
             await self._freed.wait()
 
-    async def _wait_for_slot(self, stop: asyncio.Event | None) -> bool:
+    async def _wait_for_slot(self, stop: asyncio.Event) -> bool:
         """For Slack, wait until the URL's slot is free before reading; True if it waited."""
         if self._slot is None or (wait := await self._slot.free_in()) <= 0:
             return False
