@@ -100,13 +100,14 @@ class Poller:
         while not stop.is_set():
             try:
                 held = await self.lease.acquire()
+                standby = 0.0 if held else await self._standby_wait()
             except (RedisError, OSError) as exc:
                 await sleep_unless(stop, self._failed(exc, failures))
                 failures += 1
                 continue
             failures = 0
             if not held:
-                await sleep_unless(stop, await self._standby_wait())
+                await sleep_unless(stop, standby)
                 continue
             self.metrics.leader.set(1)
             try:

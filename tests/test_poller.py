@@ -28,6 +28,7 @@ from notifier.api import (
     UnexpectedResponse,
 )
 from notifier.config import Settings, load_settings
+from notifier.keys import Keys
 from notifier.models import Event
 from notifier.poller import Poller
 from notifier.simulator import Fault, FaultKind, Simulator
@@ -332,6 +333,29 @@ async def test_a_standby_replica_takes_over_within_one_ttl_when_the_poller_dies(
             (request,) = simulator.create()
             simulator.fail(request.id)
             await eventually(lambda: _queued(second, 1))
+
+
+async def test_a_standby_that_cannot_ask_redis_how_long_to_wait_backs_off_and_goes_on(
+    redis_factory: RedisFactory, api_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(api_url)
+    client = redis_factory()
+    await client.set(Keys(settings.key_prefix).lease, "another-replica", px=60_000)
+    async with poller_of(settings, client, hold=False) as standby:
+        asked = 0
+
+        async def failing_once() -> float:
+            nonlocal asked
+            asked += 1
+            if asked == 1:
+                raise RedisConnectionError("Redis went away")
+            return 0.05
+
+        monkeypatch.setattr(standby.lease, "seconds_until_free", failing_once)
+        async with running(standby) as task:
+            await eventually(lambda: _true(asked >= 2), timeout=5)
+            assert not task.done()
+            assert standby.last_error == "ConnectionError: Redis went away"
 
 
 async def test_redis_restarting_empty_goes_back_to_a_silent_baseline(
