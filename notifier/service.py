@@ -69,16 +69,16 @@ class Service:
         self.metrics = api.metrics
         self.poller = Poller(settings, client, api)
         self.delivery = delivery
-        self.stopping = False
+        self._stop: asyncio.Event | None = None  # set by run(): stopping means not ready
 
     async def run(self, stop: asyncio.Event, cancel: asyncio.Event) -> None:
         """Poll and deliver until `stop` is set; sends in flight then finish, or are handed
         back once `cancel` is set."""
+        self._stop = stop
         tasks = [
             asyncio.create_task(self.poller.run(stop)),
             asyncio.create_task(self.delivery.run(stop, cancel)),
         ]
-        watch = asyncio.create_task(self._note_stopping(stop))
         try:
             await asyncio.gather(*tasks)
         except Exception:
@@ -87,17 +87,11 @@ class Service:
             cancel.set()
             await asyncio.wait(tasks, timeout=GRACE_S)
             raise
-        finally:
-            watch.cancel()
-
-    async def _note_stopping(self, stop: asyncio.Event) -> None:
-        await stop.wait()
-        self.stopping = True
 
     async def readiness(self) -> Readiness:
         """Ready when Redis answers and some replica completed a cycle within three poll
         intervals (standby replicas too); else why not."""
-        if self.stopping:
+        if self._stop is not None and self._stop.is_set():
             return Readiness(False, "shutting down")
         try:
             async with asyncio.timeout(REDIS_PING_TIMEOUT_S):

@@ -396,16 +396,17 @@ class RouteWorker:
         return (self.queue.now() - item.event.detected_ms) / 1000
 
 
+LOG_LEVELS = {Done: logging.INFO, Later: logging.WARNING, GiveUp: logging.ERROR}
+
+
 def _outcome(decision: Decision) -> str:
     return {Done: "delivered", Later: "retried", GiveUp: "dead"}[type(decision)]
 
 
 def _log_outcome(route: Route, item: Attempted) -> None:
     """One line per delivery outcome, naming the event, the request and its reference."""
-    level = {Done: logging.INFO, Later: logging.WARNING, GiveUp: logging.ERROR}
-    if item.handed_back:
-        level[Later] = logging.INFO
-    if not log.isEnabledFor(level[type(item.decision)]):
+    level = logging.INFO if item.handed_back else LOG_LEVELS[type(item.decision)]
+    if not log.isEnabledFor(level):
         return
     event = item.event
     if event is None and item.handed_back:
