@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +24,7 @@ import redis.asyncio
 from aiohttp import web
 
 from notifier import poller as poller_module
+from notifier import service as service_module
 from notifier import worker as worker_module
 from notifier.api import ApiClient, AuthError
 from notifier.config import ConfigError, Settings, load_settings
@@ -29,7 +32,14 @@ from notifier.delivery import Delivery, sink_session
 from notifier.keys import Keys
 from notifier.metrics import Metrics
 from notifier.models import event_id
-from notifier.service import Service, _check_api_key, _check_redis, _serving
+from notifier.service import (
+    Readiness,
+    Service,
+    Shutdown,
+    _check_api_key,
+    _check_redis,
+    _serving,
+)
 from notifier.simulator import Fault, FaultKind, SimulatedRequest, Simulator
 from notifier.store import connect_redis
 
@@ -229,6 +239,35 @@ async def test_readyz_names_redis_while_it_is_down_and_recovers_after(rig: Rig) 
         body = await replica.wait_readyz(200)  # a new baseline completed
 
         assert body["ready"] is True
+
+
+async def test_readyz_gives_up_on_a_redis_that_never_answers_within_a_second(
+    rig: Rig,
+) -> None:
+    release = asyncio.Event()
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()  # accepts the connection, never answers
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = rig.settings(redis_url=f"redis://127.0.0.1:{port}/0")
+    client = connect_redis(settings.redis_url.get_secret_value())
+    try:
+        async with ApiClient(settings) as api, sink_session() as session:
+            service = Service(settings, client, api, Delivery(settings, client, session))
+            started = time.monotonic()
+            readiness = await service.readiness()
+    finally:
+        await client.aclose()
+        release.set()
+        server.close()
+        await server.wait_closed()
+
+    assert time.monotonic() - started < 1.5
+    assert readiness == Readiness(False, "Redis is unreachable (TimeoutError)")
 
 
 async def test_readyz_says_shutting_down_once_stop_is_set(rig: Rig) -> None:
@@ -439,6 +478,32 @@ async def test_a_stop_lets_a_slow_send_finish_and_records_its_outcome(rig: Rig) 
     assert (await rig.client.xpending(keys.outbox, "webhook"))["pending"] == 0  # acknowledged
     assert await rig.client.zcard(keys.retries("webhook")) == 0  # nothing handed back
     assert len(rig.receiver.to("/hook")) == 1
+
+
+async def test_signals_stop_then_cancel_then_exit_by_the_deadline_and_a_second_exits_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(service_module, "_exit", exits.append)
+    monkeypatch.setattr(service_module, "GRACE_S", 0.2)
+    monkeypatch.setattr(service_module, "EXIT_BY_S", 0.4)
+    loop = asyncio.get_running_loop()
+    shutdown = Shutdown()
+    shutdown.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await eventually(shutdown.stop.is_set, "stop after the first signal", timeout=1)
+        assert not shutdown.cancel.is_set()  # sends in flight get their grace first
+        await eventually(shutdown.cancel.is_set, "cancel after the grace", timeout=1)
+        assert exits == []
+        await eventually(lambda: exits == [0], "exit 0 at the deadline", timeout=1)
+
+        os.kill(os.getpid(), signal.SIGINT)
+        await eventually(lambda: len(exits) == 2, "the second signal", timeout=1)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    assert exits == [0, 128 + signal.SIGINT]
 
 
 # Start-up checks of run_service.

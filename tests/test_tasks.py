@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from notifier.tasks import running
+from notifier.tasks import running, unless_stopped
 
 
 async def test_a_loop_that_would_swallow_a_cancellation_still_stops() -> None:
@@ -52,3 +52,33 @@ async def test_an_error_of_the_loop_reaches_the_caller() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         async with running(broken):
             await asyncio.sleep(0)
+
+
+async def test_unless_stopped_returns_the_result_of_work_that_finishes_first() -> None:
+    async def work() -> str:
+        return "done"
+
+    assert await unless_stopped(work(), asyncio.Event()) == "done"
+
+
+async def test_unless_stopped_cancels_the_work_once_stop_is_set() -> None:
+    stop, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    assert await asyncio.wait_for(unless_stopped(forever(), stop), 2) is None
+    assert cancelled.is_set()
+
+
+async def test_unless_stopped_raises_what_the_work_raised() -> None:
+    async def failing() -> None:
+        raise ValueError("broken")
+
+    with pytest.raises(ValueError, match="broken"):
+        await unless_stopped(failing(), asyncio.Event())
