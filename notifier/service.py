@@ -164,6 +164,7 @@ class Shutdown:
                 name,
             )
             _exit(128 + signum)
+            return
         log.info(
             "%s: polling stopped; sends in flight have %g s to finish, then are handed back",
             name,
