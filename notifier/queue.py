@@ -35,6 +35,8 @@ FIELD_ATTEMPTS = "a"
 ROUTE_SEEN_WINDOW_S = 600
 # The group and retries of a route no replica has served for this long are deleted.
 REMOVED_ROUTE_GRACE_S = 7 * 86_400
+# A store that answers an empty blocking read at once is asked again this often instead.
+EMULATED_BLOCK_STEP_S = 0.05
 
 Source = Literal["outbox", "retry"]
 Action = Literal["done", "retry", "dead"]
@@ -276,22 +278,29 @@ class RouteQueue:
         return acked, [entry for _, entries in reply or [] for entry in _entries(entries)]
 
     async def _read_blocking(self, count: int, block_s: float) -> list[tuple[str, Fields]]:
-        try:
-            reply = await self.redis.xreadgroup(
-                self.route,
-                self.consumer,
-                {self.keys.outbox: ">"},
-                count=count,
-                block=round(block_s * 1000),
-            )
-        except ResponseError as exc:
-            if await self._no_group(exc):
-                # Nothing to block on until a poll cycle creates the group: wait as a
-                # blocking read would, instead of asking again at once.
-                await asyncio.sleep(block_s)
-                return []
-            raise
-        return [(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
+        deadline = time.monotonic() + block_s
+        while True:
+            try:
+                reply = await self.redis.xreadgroup(
+                    self.route,
+                    self.consumer,
+                    {self.keys.outbox: ">"},
+                    count=count,
+                    block=max(1, round((deadline - time.monotonic()) * 1000)),
+                )
+            except ResponseError as exc:
+                if await self._no_group(exc):
+                    # Nothing to block on until a poll cycle creates the group: wait as a
+                    # blocking read would, instead of asking again at once.
+                    await asyncio.sleep(block_s)
+                    return []
+                raise
+            left = deadline - time.monotonic()
+            if reply or left <= 0:
+                return [(entry_id, fields) for _, entries in reply for entry_id, fields in entries]
+            # Redis answers an empty blocking read only at its deadline, but the in-memory
+            # store (fakeredis 2.40) answers one with COUNT at once: poll, never spin.
+            await asyncio.sleep(min(EMULATED_BLOCK_STEP_S, left))
 
     def _args(self, settlement: Settlement) -> list[Any]:
         work, action = settlement.work, settlement.action

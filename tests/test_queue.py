@@ -7,6 +7,7 @@ sleeps: retry scores and the routes' last-served times come from the caller's cl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -123,6 +124,39 @@ async def test_every_route_gets_every_entry(
     assert [(w.route, w.entry_id) for w in await slack.take_new(10)] == [
         ("slack", entry_id) for entry_id in ids
     ]
+
+
+async def test_a_blocking_read_with_nothing_new_waits_without_hammering_the_store(
+    redis_client: redis.asyncio.Redis, clock: FakeClock
+) -> None:
+    # fakeredis 2.40 answers XREADGROUP BLOCK with COUNT at once; a worker looping on that
+    # kept a core busy in `notifier run` with the in-memory store.
+    await outbox(redis_client, 0)
+    reads = 0
+    execute = redis_client.execute_command
+
+    async def counting(*args: object, **options: object) -> object:
+        nonlocal reads
+        reads += args[0] == "XREADGROUP"
+        return await execute(*args, **options)
+
+    redis_client.execute_command = counting  # type: ignore[method-assign]
+    started = time.monotonic()
+    assert await route_queue(redis_client, clock).take_new(10, block_s=0.3) == []
+    assert time.monotonic() - started >= 0.29
+    assert reads <= 10  # Redis: 1; the in-memory store: one every 50 ms
+
+
+async def test_a_blocking_read_returns_an_entry_added_while_it_waits(
+    redis_client: redis.asyncio.Redis, clock: FakeClock
+) -> None:
+    await outbox(redis_client, 0)
+    reading = asyncio.create_task(route_queue(redis_client, clock).take_new(10, block_s=5))
+    await asyncio.sleep(0.1)
+    added = await redis_client.xadd(KEYS.outbox, entry(1))
+    started = time.monotonic()
+    assert [work.entry_id for work in await reading] == [added]
+    assert time.monotonic() - started < 1
 
 
 async def test_take_new_before_any_outbox_exists_takes_nothing(
