@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from notifier.logs import configure_logging
 # 2 configuration or usage error or a rejected API key, 3 work left or dead-lettered.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 SAMPLE_STATUSES = ("completed", "failed")
 
@@ -37,14 +39,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def _not_yet(command: str) -> int:
-    print(
-        f"notifier {command}: not implemented yet in version {__version__}; nothing was done.",
-        file=sys.stderr,
-    )
-    return EXIT_FAILED
 
 
 def _load(flags: dict[str, Any]) -> Settings:
@@ -185,7 +179,18 @@ def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 
 
 def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    return _not_yet("demo")
+    from notifier.demo import DemoStalled, run_demo  # noqa: PLC0415 - commands import what they need
+
+    # The demo's story is its output; the service's routine lines would drown it.
+    configure_logging(None, level=logging.WARNING)
+    try:
+        asyncio.run(run_demo(sys.stdout))
+    except DemoStalled as exc:
+        print(f"notifier demo: {exc}; see the warnings above.", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
 
 
 def _settings_flags() -> argparse.ArgumentParser:

@@ -405,6 +405,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+class _Standalone(Settings):
+    """Settings that read neither the environment nor a TOML file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values given."""
+        return (init_settings,)
+
+
+def standalone_settings(**values: Any) -> Settings:
+    """Settings from `values` and the defaults alone, whatever the environment holds: the
+    demo must run the same on every machine."""
+    return _Standalone(**values)
+
+
 def load_settings(flags: dict[str, Any] | None = None) -> Settings:
     """Settings from command-line flags, the environment, the TOML file and defaults."""
     flags = dict(flags or {})

@@ -280,15 +280,8 @@ class Simulator:
     @contextlib.asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
         """Serve on `host:port` (0 = a free port) and yield the base URL to use as API_URL."""
-        runner = web.AppRunner(self.app(), access_log=None)
-        await runner.setup()
-        sock = socket.create_server((host, port))
-        try:
-            await web.SockSite(runner, sock).start()
-            yield f"http://{host}:{sock.getsockname()[1]}/api"
-        finally:
-            await runner.cleanup()
-            sock.close()
+        async with serve_app(self.app(), host, port) as origin:
+            yield f"{origin}/api"
 
     async def _handle_list(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
@@ -353,6 +346,22 @@ class Simulator:
 
 
 _HTML_PAGE = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+
+
+@contextlib.asynccontextmanager
+async def serve_app(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve `app` on `host:port` (0 = a free port) while the block runs; yields its origin."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.create_server((host, port))
+    try:
+        await web.SockSite(runner, sock).start()
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+        sock.close()
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

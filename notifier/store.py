@@ -105,15 +105,20 @@ def load_script(client: redis.asyncio.Redis, name: str, *, common: bool = False)
 def open_redis(settings: Settings) -> redis.asyncio.Redis:
     """A client of the configured Redis, or of an in-process store when none is configured."""
     if settings.redis_url is None:
-        import fakeredis  # noqa: PLC0415 - only the embedded store needs it
-
         log.warning(
             "%s is not set: using an in-memory store, so state is not kept across restarts "
             "and every start begins with a silent baseline",
             env_name("redis_url"),
         )
-        return fakeredis.FakeAsyncRedis(decode_responses=True)
+        return memory_store()
     return connect_redis(settings.redis_url.get_secret_value())
+
+
+def memory_store() -> redis.asyncio.Redis:
+    """An in-process store (fakeredis) that runs the same Lua scripts as Redis."""
+    import fakeredis  # noqa: PLC0415 - only the embedded store needs it
+
+    return fakeredis.FakeAsyncRedis(decode_responses=True)
 
 
 def connect_redis(url: str) -> redis.asyncio.Redis:

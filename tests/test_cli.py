@@ -100,12 +100,6 @@ def test_setting_flags_work_before_and_after_the_command() -> None:
     assert not hasattr(parser.parse_args(["run"]), "page_size")
 
 
-def test_demo_needs_no_configuration_and_ignores_bad_settings() -> None:
-    result = notifier("demo", env={"NOTIFIER_POLL_INTERVAL": "bogus"})
-    assert result.returncode == 1
-    assert "not implemented yet" in result.stderr
-
-
 def test_the_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("notifier")
     result = subprocess.run(

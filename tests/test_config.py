@@ -15,6 +15,7 @@ from notifier.config import (
     bundled_templates_dir,
     decode_webhook_secrets,
     load_settings,
+    standalone_settings,
 )
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
@@ -140,6 +141,20 @@ def test_template_dirs_search_the_configured_directory_before_the_bundled_one(
     settings = load_settings({"templates_dir": str(tmp_path)})
     assert settings.template_dirs() == [tmp_path, bundled_templates_dir()]
     assert (bundled_templates_dir() / "webhook" / "default.json.j2").is_file()
+
+
+def test_standalone_settings_read_neither_the_environment_nor_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "notifier.toml").write_text("page_size = 7\n")
+    monkeypatch.setenv("NOTIFIER_CONFIG", str(tmp_path / "notifier.toml"))
+    monkeypatch.setenv("NOTIFIER_POLL_INTERVAL", "bogus")
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CHAMELAION_API_KEY", "from-the-environment")
+    settings = standalone_settings(api_key="given", webhook_url="http://127.0.0.1:9/hook")
+    assert settings.api_key.get_secret_value() == "given"
+    assert (settings.poll_interval, settings.page_size, settings.redis_url) == (15, 100, None)
+    assert [route.name for route in settings.routes] == ["webhook"]
 
 
 def test_config_flag_beats_config_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
