@@ -69,7 +69,7 @@ class Console:
 
 
 class ConsoleReceiver:
-    """Stands in for Slack and for the webhook endpoint: prints each POST, answers 200."""
+    """Stands in for Slack and for the webhook endpoint: prints each POST and accepts it."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -179,17 +179,19 @@ async def run_demo(out: TextIO) -> None:
         settings = demo_settings(api_url, simulator.api_key, receiver_url)
         _introduce(console, api_url, receiver_url)
         client = memory_store()
-        async with ApiClient(settings) as api, sink_session() as session:
-            service = Service(settings, client, api, Delivery(settings, client, session))
-            stop, cancel = asyncio.Event(), asyncio.Event()
-            running = asyncio.create_task(service.run(stop, cancel))
-            try:
-                await _story(console, simulator, _Cycles(client, service), receiver)
-            finally:
-                stop.set()
-                asyncio.get_running_loop().call_later(GRACE_S, cancel.set)
-                await running
-        await client.aclose()
+        try:
+            async with ApiClient(settings) as api, sink_session() as session:
+                service = Service(settings, client, api, Delivery(settings, client, session))
+                stop, cancel = asyncio.Event(), asyncio.Event()
+                running = asyncio.create_task(service.run(stop, cancel))
+                try:
+                    await _story(console, simulator, _Cycles(client, service), receiver)
+                finally:
+                    stop.set()
+                    asyncio.get_running_loop().call_later(GRACE_S, cancel.set)
+                    await running
+        finally:
+            await client.aclose()
 
 
 def _introduce(console: Console, api_url: str, receiver_url: str) -> None:

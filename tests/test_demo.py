@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from notifier import demo
+from notifier.cli import main
 from notifier.demo import FAILURE, Arrival, run_demo, slack_lines
+from notifier.simulator import Simulator
 
 # The demo reads no setting: every one of these would break it if it did.
 HOSTILE_ENVIRONMENT = {
@@ -182,3 +185,17 @@ def test_the_compact_rendering_names_every_kind_of_block() -> None:
         "┃ [Open] https://x",
         "┃ (image block)",
     ]
+
+
+def test_a_demo_that_stalls_exits_1_saying_what_did_not_happen(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "CYCLE_TIMEOUT_S", 0.5)
+    # An account whose key the simulator refuses: no poll cycle ever completes.
+    monkeypatch.setattr(
+        Simulator, "backfill", lambda self, count: self.revoked_keys.add("sim-demo-key")
+    )
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("notifier demo: no poll cycle completed in time; see the warnings above.\n")
+    assert "rejected the API key (HTTP 403: unauthorized)" in err
