@@ -1,14 +1,23 @@
-"""A non-editable install works on its own: the wheel carries the templates and the entry points."""
+"""A non-editable install works on its own: the wheel carries the templates and the entry points,
+and a fresh virtualenv set up as the Dockerfile sets up the image runs the service."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from notifier.simulator import Simulator
+
+from conftest import eventually, free_port
+from samples import SIMULATOR_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = sorted(
@@ -94,3 +103,62 @@ def test_a_source_checkout_finds_the_top_level_templates(tmp_path: Path) -> None
     module_file, templates = run(sys.executable, "-c", probe, env=env, cwd=tmp_path).stdout.split()
     assert Path(module_file).parent == ROOT / "notifier"
     assert Path(templates) == ROOT / "templates"
+
+
+def healthcheck_command() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command (its exec form after CMD)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = (line for line in text.splitlines() if line.startswith("HEALTHCHECK"))
+    return json.loads(line.partition(" CMD ")[2])
+
+
+@pytest.mark.timeout(180)  # pip fetches the dependencies from the index: about 10 s here
+async def test_a_fresh_venv_set_up_like_the_image_runs_the_service_and_passes_its_healthcheck(
+    wheel: Path, tmp_path: Path, simulator: Simulator, api_url: str
+) -> None:
+    simulator.backfill(5)
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", str(venv))
+    python = str(venv / "bin" / "python")
+    run(python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", str(wheel))
+    notifier = str(venv / "bin" / "notifier")
+    assert "usage: notifier" in run(notifier, "--help", cwd=tmp_path).stdout
+
+    # No NOTIFIER_REDIS_URL: the in-memory store. No PYTHONPATH: only the venv is importable.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env |= {
+        "NOTIFIER_API_URL": api_url,
+        "NOTIFIER_API_KEY": SIMULATOR_KEY,
+        "NOTIFIER_WEBHOOK_URL": f"http://127.0.0.1:{free_port()}/hooks/lipsync",
+        "NOTIFIER_HTTP_PORT": str(free_port()),
+    }
+    healthcheck = [python if arg == "python" else arg for arg in healthcheck_command()]
+
+    async def healthy() -> bool:
+        probe = await asyncio.create_subprocess_exec(
+            *healthcheck,
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return await probe.wait() == 0
+
+    async def up() -> bool:
+        assert service.returncode is None, f"notifier run exited:\n{log.read_text()}"
+        return await healthy()
+
+    log = tmp_path / "notifier.log"
+    with log.open("wb") as output:
+        service = await asyncio.create_subprocess_exec(
+            notifier, "run", env=env, cwd=tmp_path, stdout=output, stderr=output
+        )
+    try:
+        await eventually(up, "the HEALTHCHECK command passes", timeout=30)
+        service.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(service.wait(), timeout=15) == 0, log.read_text()
+    finally:
+        if service.returncode is None:
+            service.kill()
+            await service.wait()
+    assert not await healthy(), "the HEALTHCHECK passes with nothing listening"
