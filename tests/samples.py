@@ -21,6 +21,17 @@ QUEUED = {
     "status": "queued",
     "created_at": "2026-03-30T11:02:00Z",
 }
+# The error messages of the API reference page, in its order.
+API_ERROR_MESSAGES = (
+    "missing authorization header",
+    "invalid authorization format",
+    "missing token",
+    "invalid token",
+    "unauthorized",
+    "rate limit exceeded",
+    "internal error",
+)
+AUTH_ERROR_MESSAGES = API_ERROR_MESSAGES[:5]
 # When a sample transition was detected: 2026-03-30T11:01:10.250Z, in unix milliseconds.
 DETECTED_MS = 1_774_868_470_250
 # The key the test simulator accepts: distinctive, so tests can assert it never leaks.

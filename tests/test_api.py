@@ -36,7 +36,7 @@ from notifier.api import (
 from notifier.config import ConfigError, load_settings
 from notifier.simulator import Fault, FaultKind, Order, Simulator
 
-from samples import SIMULATOR_KEY
+from samples import AUTH_ERROR_MESSAGES, SIMULATOR_KEY
 
 
 @pytest.fixture(autouse=True)
@@ -386,16 +386,7 @@ async def canned() -> AsyncIterator[Callable[..., str]]:
         await server.close()
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        "missing authorization header",
-        "invalid authorization format",
-        "missing token",
-        "invalid token",
-        "unauthorized",
-    ],
-)
+@pytest.mark.parametrize("message", AUTH_ERROR_MESSAGES)
 async def test_every_auth_message_of_the_reference_reaches_the_error(
     canned: Callable[..., Any], message: str
 ) -> None:

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from notifier.config import Route, Settings, env_name, flag_name, load_settings
 
+from samples import API_ERROR_MESSAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# What a fresh clone lacks: local environments, caches and build output.
+NOT_IN_A_CHECKOUT = (
+    ".git",
+    ".venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "build",
+    "dist",
+)
 
 
 def section(title: str) -> str:
@@ -66,3 +81,58 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert command.startswith("pytest")
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in ci_lines
+
+
+def test_the_troubleshooting_table_explains_every_error_message_of_the_api() -> None:
+    table = " ".join(row[0] for row in first_table(section("Troubleshooting")))
+    for message in API_ERROR_MESSAGES:
+        assert message in table, f"Troubleshooting does not explain {message!r}"
+
+
+def test_every_file_the_deployment_section_names_exists() -> None:
+    named = set(re.findall(r"`((?:deploy/|docker-compose|Dockerfile)[^`\s]*)`", README))
+    assert {"Dockerfile", "docker-compose.yml", "deploy/notifier.toml"} <= named
+    for path in named:
+        assert (ROOT / path).exists(), f"the README names {path}, which does not exist"
+
+
+@pytest.mark.timeout(600)
+def test_the_quick_start_works_as_written_in_a_fresh_checkout(tmp_path: Path) -> None:
+    # Install, then the demo, copy-pasted into a shell, as a newcomer would: a fresh
+    # virtual environment, dependencies from the package index, nothing of this checkout's.
+    block = re.search(r"```sh\n(.*?)```", section("Quick start"), re.S).group(1)
+    assert block.splitlines() == [
+        "python3 -m venv .venv && . .venv/bin/activate && pip install .",
+        "notifier demo",
+    ]
+    checkout = tmp_path / "chamelaion-notifier"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(*NOT_IN_A_CHECKOUT))
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"VIRTUAL_ENV", "PYTHONPATH"} and not name.startswith("NOTIFIER_")
+    }
+    environment["PATH"] = os.pathsep.join(
+        part for part in environment["PATH"].split(os.pathsep) if "/.venv/" not in part + "/"
+    )
+    result = subprocess.run(
+        ["bash", "-e", "-c", block],
+        cwd=checkout,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "✅ LIP SYNC COMPLETED" in result.stdout
+    assert "❌ LIP SYNC FAILED" in result.stdout
+    assert '"type": "lipsync.request.failed"' in result.stdout
+
+
+def test_every_link_inside_the_readme_points_at_a_heading() -> None:
+    # GitHub's anchors: lower case, punctuation dropped, spaces turned into hyphens.
+    headings = re.findall(r"^#+ (.+)$", README, re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+    for target in re.findall(r"\]\(#([^)]+)\)", README):
+        assert target in anchors, f"no heading for the link #{target}"
