@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,9 +172,10 @@ class ApiClient:
             await self._session.close()
             self._session = None
 
-    def listing(self) -> Listing:
-        """A new complete listing of the account: `async for page in api.listing()`."""
-        return Listing(self)
+    def listing(self, observe: Callable[[ListResponse], None] | None = None) -> Listing:
+        """A new complete listing of the account: `async for page in api.listing()`;
+        `observe` sees every list response as it arrives."""
+        return Listing(self, observe)
 
     async def check_key(self) -> ApiError | None:
         """One call with limit=1: raises `AuthError` if the API rejects the key, returns
@@ -231,8 +232,11 @@ class Listing:
     The iteration ends when the listing is complete, or raises an `ApiError`.
     """
 
-    def __init__(self, client: ApiClient) -> None:
+    def __init__(
+        self, client: ApiClient, observe: Callable[[ListResponse], None] | None = None
+    ) -> None:
         self.client = client
+        self._observe = observe
         self.seen: set[str] = set()
         self.malformed: set[str] = set()
         self.total = 0  # the largest total any page reported
@@ -318,6 +322,8 @@ class Listing:
         return response
 
     def _accept(self, response: ListResponse) -> Page | None:
+        if self._observe is not None:
+            self._observe(response)
         fresh = [request for request in response.requests if request.id not in self.seen]
         self.seen.update(request.id for request in fresh)
         self.malformed.update(response.malformed)

@@ -223,6 +223,17 @@ class Settings(BaseSettings):
     list_concurrency: int = Field(
         4, ge=1, le=64, description="list calls in flight at once after the first page"
     )
+    full_sweep_every: int = Field(
+        20,
+        ge=1,
+        description="list the whole account every this many cycles (1: always); the cycles "
+        "between list only new and unfinished requests",
+    )
+    stalled_after: Seconds = Field(
+        21_600,
+        gt=0,
+        description="seconds after which an unfinished request is left to the full sweeps",
+    )
     api_timeout: Seconds = Field(30, gt=0, description="seconds per API call, connecting included")
     reference_id: str | None = Field(
         None, min_length=1, description="watch only requests with this reference_id"

@@ -43,6 +43,11 @@ class Keys:
         return self._key("last-cycle")
 
     @cached_property
+    def sweep(self) -> str:
+        """Hash of what the last cycle learned of the listing's order and settled part."""
+        return self._key("sweep")
+
+    @cached_property
     def outbox(self) -> str:
         """Stream of events waiting for delivery, one consumer group per route."""
         return self._key("outbox")

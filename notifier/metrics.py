@@ -48,6 +48,13 @@ class Metrics:
             buckets=CYCLE_BUCKETS,
             registry=r,
         )
+        self.sweeps = Counter(
+            "notifier_sweeps",
+            "How completed poll cycles read the listing: full, incremental, or an incremental "
+            "sweep rejected by its checks (a full sweep followed)",
+            ["kind"],
+            registry=r,
+        )
         self.api_calls = Counter(
             "notifier_api_calls", "Calls to the Chamelaion API by outcome", ["outcome"], registry=r
         )

@@ -25,6 +25,7 @@ from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
 from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
+from notifier.sweep import Observed, SweepState, WindowMismatch, advance, fetch_window, learn
 from notifier.tasks import running, unless_stopped
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Poller:
         self.api = api
         self.metrics = api.metrics
         self.store = Store(client, settings, clock)
+        self._clock = clock
         self.lease = Lease(client, self.store.keys, lease_ttl(settings.poll_interval))
         self.rebaselines = 0  # times this process saw Redis lose its data
         self.last_error: str | None = None  # why the last cycle failed; None after a success
@@ -126,16 +128,56 @@ class Poller:
         epoch = await self.store.begin(token, notify_existing=existing)
         self._note_epoch(epoch)
         result = CycleResult(baseline=epoch.baseline)
-        listing = self.api.listing()
-        async with contextlib.aclosing(aiter(listing)) as pages:
-            async for page in pages:
-                result.add(await self.store.apply(page.requests, epoch, token))
-        result.listed = listing.distinct
-        await self.store.finish(epoch, token)
+        state = None if epoch.baseline else SweepState.parse(await self.store.sweep(), epoch.id)
+        learned = None
+        if state is not None and state.since_full + 1 < self.settings.full_sweep_every:
+            learned = await self._incremental(state, epoch, result)
+        if learned is None:
+            learned = await self._full(epoch, result)
+        await self.store.finish(epoch, token, learned.fields() if learned else None)
         if not epoch.baseline:
             result.pruned = await self._prune(epoch)
         _log_cycle(result)
         return result
+
+    async def _full(self, epoch: Epoch, result: CycleResult) -> SweepState | None:
+        """List the whole account; returns what it showed of the listing, if usable."""
+        observed = Observed()
+        listing = self.api.listing(observed.add)
+        async with contextlib.aclosing(aiter(listing)) as pages:
+            async for page in pages:
+                result.add(await self.store.apply(page.requests, epoch, self.lease.token))
+        result.listed = listing.distinct
+        self.metrics.sweeps.labels("full").inc()
+        return learn(observed, epoch.id, listing.total, self._stalled_before_ms())
+
+    async def _incremental(
+        self, state: SweepState, epoch: Epoch, result: CycleResult
+    ) -> SweepState | None:
+        """List only the unsettled part; None if it did not move as predicted (what was
+        applied stays applied: each page is a true picture of its requests)."""
+        try:
+            window = await fetch_window(self.api, state)
+            first_seen = 0
+            for start in range(0, len(window.requests), self.api.page_size):
+                chunk = window.requests[start : start + self.api.page_size]
+                applied = await self.store.apply(chunk, epoch, self.lease.token)
+                result.add(applied)
+                first_seen += applied.first_seen
+            grown = window.total - state.total
+            if first_seen != grown:
+                raise WindowMismatch(f"{first_seen} new requests, but the total grew by {grown}")
+        except WindowMismatch as exc:
+            log.info("incremental sweep rejected (%s); listing the whole account", exc)
+            self.metrics.sweeps.labels("rejected").inc()
+            return None
+        result.listed = len(window.requests)
+        self.metrics.sweeps.labels("incremental").inc()
+        return advance(state, window.observed, window.total, self._stalled_before_ms())
+
+    def _stalled_before_ms(self) -> int:
+        # The local clock, unlike the diff: a wrong guess only costs a wider window.
+        return round((self._clock() - self.settings.stalled_after) * 1000)
 
     async def _poll_while_held(self, stop: asyncio.Event) -> None:
         failures = 0

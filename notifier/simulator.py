@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import random
@@ -47,6 +48,9 @@ class Order(StrEnum):
     # Newest first, but requests with equal created_at come in a new random order in every
     # response, as a database without a tie-breaker may return them.
     UNSTABLE = "unstable"
+    # No relation to created_at: ordered by a hash of the id, so a new request lands
+    # anywhere in the listing.
+    RANDOM = "random"
 
 
 class FaultKind(StrEnum):
@@ -240,6 +244,10 @@ class Simulator:
             ordered = [request for request in ordered if request.reference_id == reference_id]
         if self.order is Order.OLDEST_FIRST:
             ordered = ordered[::-1]
+        elif self.order is Order.RANDOM:
+            ordered = sorted(
+                ordered, key=lambda request: hashlib.sha256(request.id.encode()).digest()
+            )
         window = ordered[offset : offset + limit]
         if self.order is Order.UNSTABLE and window:
             window = self._shuffle_ties(ordered, offset, len(window))

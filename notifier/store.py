@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
@@ -78,6 +78,7 @@ class Applied:
     changed: int  # requests first seen or with a new status
     events: int  # events appended to the outbox
     silenced: int  # first seen finished after the baseline, but older than it: not notified
+    first_seen: int = 0  # requests that had no stored state
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
 
 
@@ -189,22 +190,32 @@ class Store:
                 _finished_s(request),
                 request.snapshot() if len(code) == 1 and code in self._notify_on else "",
             ]
-        changed, events, silenced, *entered = await self._run("apply", keys, args)
+        changed, events, silenced, first_seen, *entered = await self._run("apply", keys, args)
         return Applied(
             changed=changed,
             events=events,
             silenced=silenced,
+            first_seen=first_seen,
             entered={
                 decode_status(code): int(count)
                 for code, count in zip(entered[::2], entered[1::2], strict=True)
             },
         )
 
-    async def finish(self, epoch: Epoch, token: str) -> bool:
-        """Mark the cycle complete (a baseline becomes live); True if it was the baseline."""
-        keys = [self.keys.epoch, self.keys.lease, self.keys.last_cycle]
+    async def finish(
+        self, epoch: Epoch, token: str, sweep: Mapping[str, str] | None = None
+    ) -> bool:
+        """Mark the cycle complete (a baseline becomes live) and keep what it learned of the
+        listing (`sweep`, replacing the last); True if it was the baseline."""
+        keys = [self.keys.epoch, self.keys.lease, self.keys.last_cycle, self.keys.sweep]
         args = [token, epoch.id, round(self._clock() * 1000), BASELINE_GRACE_MS]
+        for name, value in (sweep or {}).items():
+            args += [name, value]
         return bool(await self._run("finish", keys, args))
+
+    async def sweep(self) -> dict[str, str]:
+        """What the last complete cycle learned of the listing (see `sweep.py`)."""
+        return await self.redis.hgetall(self.keys.sweep)
 
     async def prune(self, epoch: Epoch, token: str, buckets: range, retention_s: float) -> int:
         """Forget requests of these buckets that finished more than `retention_s` ago."""

@@ -216,7 +216,7 @@ class StoreMachine(RuleBasedStateMachine):
         model, epoch = self.model, self.model.epoch
         assert epoch is not None
         detected = self.now * 1000
-        changed = events = silenced = 0
+        changed = events = silenced = first_seen = 0
         entered: dict[str, int] = {}
         for request in requests:
             created = created_ms(request)
@@ -227,6 +227,7 @@ class StoreMachine(RuleBasedStateMachine):
             if previous == request.status:
                 continue
             changed += 1
+            first_seen += stored is None
             accounted = stored.accounted if stored else frozenset()
             emit = False
             if request.status in self.notify_on and request.status not in accounted:
@@ -249,7 +250,13 @@ class StoreMachine(RuleBasedStateMachine):
             model.state[request.id] = Stored(request.status, accounted, finished_s(request))
             if stored is not None or not epoch.baseline:  # a baseline's first sightings aside
                 entered[request.status] = entered.get(request.status, 0) + 1
-        return Applied(changed=changed, events=events, silenced=silenced, entered=entered)
+        return Applied(
+            changed=changed,
+            events=events,
+            silenced=silenced,
+            first_seen=first_seen,
+            entered=entered,
+        )
 
     def model_prune(self, buckets: range, retention_s: int) -> int:
         assert self.store is not None

@@ -8,8 +8,8 @@
 -- notify_on statuses already notified or recorded silently, when the request finished
 -- (empty unless it did), and its status last, as an unknown status may hold any character.
 --
--- Returns changed, events and silenced counts, then status code / count pairs of the
--- requests that entered each status.
+-- Returns changed, events, silenced and first-seen counts, then status code / count pairs
+-- of the requests that entered each status.
 --
 -- KEYS: 1 epoch, 2 lease, 3 outbox, 4.. state buckets
 -- ARGV: 1 lease token, 2 epoch id, 3 notify_on codes, 4 detection unix ms, 5 route count n,
@@ -31,7 +31,7 @@ end
 local notify_on, detected = ARGV[3], ARGV[4]
 local baseline, existing = epoch[2] == 'baseline', epoch[5] == '1'
 local newest, horizon = tonumber(epoch[3]), tonumber(epoch[4])
-local changed, events, silenced = 0, 0, 0
+local changed, events, silenced, first = 0, 0, 0, 0
 local entered = {}  -- status code -> requests that entered it (first sightings of a baseline aside)
 for i = 6 + routes, #ARGV, 6 do
   local bucket, id, code = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
@@ -61,13 +61,14 @@ for i = 6 + routes, #ARGV, 6 do
     end
     redis.call('HSET', bucket, id, accounted .. '|' .. finished .. '|' .. code)
     changed = changed + 1
+    if not stored then first = first + 1 end
     if stored or not baseline then entered[code] = (entered[code] or 0) + 1 end
   end
 end
 if baseline and newest > tonumber(epoch[3]) then
   redis.call('HSET', KEYS[1], 'newest', newest)
 end
-local result = {changed, events, silenced}
+local result = {changed, events, silenced, first}
 for code, count in pairs(entered) do
   result[#result + 1] = code
   result[#result + 1] = count

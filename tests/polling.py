@@ -1,0 +1,84 @@
+"""Helpers of the poll-cycle tests: settings against the simulator, a poller holding the
+lease, and the transitions a cycle queued or should have queued."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio
+
+from notifier.api import ApiClient
+from notifier.config import Settings, load_settings
+from notifier.models import Event
+from notifier.poller import Poller
+from notifier.simulator import Simulator
+
+from samples import SIMULATOR_KEY
+
+NOTIFY_ON = ("completed", "failed")
+
+
+def make_settings(api_url: str, **flags: Any) -> Settings:
+    return load_settings(
+        {
+            "api_url": api_url,
+            "api_key": SIMULATOR_KEY,
+            "webhook_url": "http://127.0.0.1:9/hook",
+            "page_size": 20,
+            "poll_interval": 0.1,
+            **flags,
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def poller_of(
+    settings: Settings, client: redis.asyncio.Redis, *, hold: bool = True
+) -> AsyncIterator[Poller]:
+    """A poller with its own API session; holding the lease unless told otherwise."""
+    async with ApiClient(settings) as api:
+        poller = Poller(settings, client, api, rng=random.Random(7))
+        if hold:
+            assert await poller.lease.acquire()
+        yield poller
+
+
+@contextlib.asynccontextmanager
+async def running(poller: Poller) -> AsyncIterator[asyncio.Task[None]]:
+    """`poller.run()` in the background, stopped (and its error raised) on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(poller.run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+
+async def outbox(poller: Poller) -> list[Event]:
+    entries = await poller.store.redis.xrange(poller.store.keys.outbox)
+    return [Event.from_fields(fields) for _, fields in entries]
+
+
+def transitions(events: list[Event]) -> Counter[tuple[str, str, str | None]]:
+    return Counter((e.request.id, e.status, e.previous_status) for e in events)
+
+
+def statuses(simulator: Simulator) -> dict[str, str]:
+    return {request.id: request.status for request in simulator.requests.values()}
+
+
+def expected_transitions(
+    before: dict[str, str], after: dict[str, str]
+) -> Counter[tuple[str, str, str | None]]:
+    """What one cycle should queue: each entry into a notify_on status since `before`."""
+    return Counter(
+        (request_id, status, before.get(request_id))
+        for request_id, status in after.items()
+        if status in NOTIFY_ON and before.get(request_id) != status
+    )
