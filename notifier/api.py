@@ -25,6 +25,7 @@ from notifier.logs import about
 from notifier.metrics import Metrics
 from notifier.models import LipsyncRequest
 from notifier.redact import REDACTED
+from notifier.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class ApiClient:
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
         self.metrics = metrics or Metrics()
+        self.throttle = Throttle(settings.api_rate_limit)
 
     async def __aenter__(self) -> ApiClient:
         self._session = aiohttp.ClientSession(
@@ -189,13 +191,18 @@ class ApiClient:
         return None
 
     async def fetch_page(self, offset: int, limit: int) -> ListResponse:
-        """One list call; raises an `ApiError` subclass for anything but a usable page."""
+        """One list call, within the rate limit; raises an `ApiError` subclass for anything
+        but a usable page."""
+        await self.throttle.take()
         try:
             response = await self._get(offset, limit)
         except ApiError as exc:
             self.metrics.api_calls.labels(exc.outcome).inc()
+            if isinstance(exc, RateLimited):
+                self.throttle.slowed()
             raise
         self.metrics.api_calls.labels("ok").inc()
+        self.throttle.succeeded()
         return response
 
     async def _get(self, offset: int, limit: int) -> ListResponse:

@@ -223,6 +223,18 @@ class Settings(BaseSettings):
     list_concurrency: int = Field(
         4, ge=1, le=64, description="list calls in flight at once after the first page"
     )
+    idle_interval: Seconds | None = Field(
+        None,
+        ge=0.1,
+        description="seconds between poll cycles while no request is unfinished "
+        "(unset: the poll interval)",
+    )
+    api_rate_limit: float = Field(
+        100,
+        gt=0,
+        allow_inf_nan=False,
+        description="most API calls a second; halved after a 429, then recovering gradually",
+    )
     full_sweep_every: int = Field(
         20,
         ge=1,

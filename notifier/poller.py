@@ -53,6 +53,7 @@ class CycleResult:
     events: int = 0  # events appended to the outbox
     silenced: int = 0  # old requests first seen finished after the baseline, not notified
     pruned: int = 0  # finished requests forgotten after the retention
+    unfinished: int = 0  # requests listed unfinished (stalled ones aside)
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
 
     def add(self, applied: Applied) -> None:
@@ -148,6 +149,7 @@ class Poller:
             async for page in pages:
                 result.add(await self.store.apply(page.requests, epoch, self.lease.token))
         result.listed = listing.distinct
+        result.unfinished = observed.live(self._stalled_before_ms())
         self.metrics.sweeps.labels("full").inc()
         return learn(observed, epoch.id, listing.total, self._stalled_before_ms())
 
@@ -172,6 +174,7 @@ class Poller:
             self.metrics.sweeps.labels("rejected").inc()
             return None
         result.listed = len(window.requests)
+        result.unfinished = window.observed.live(self._stalled_before_ms())
         self.metrics.sweeps.labels("incremental").inc()
         return advance(state, window.observed, window.total, self._stalled_before_ms())
 
@@ -198,8 +201,15 @@ class Poller:
                     return
                 failures, self.last_error, self.rejected = 0, None, None
                 self._count(result, time.monotonic() - started)
-                delay = self.settings.poll_interval - (time.monotonic() - started)
+                delay = self.interval(result) - (time.monotonic() - started)
             await sleep_unless(stop, delay)
+
+    def interval(self, result: CycleResult) -> float:
+        """Seconds from one cycle's start to the next: the poll interval while requests are
+        unfinished or events were queued, else the (longer) idle interval."""
+        busy = result.unfinished or result.events or result.baseline
+        idle = self.settings.idle_interval
+        return self.settings.poll_interval if busy or idle is None else idle
 
     def _count(self, result: CycleResult, seconds: float) -> None:
         metrics = self.metrics

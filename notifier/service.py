@@ -108,12 +108,14 @@ class Service:
         if last_ms is None:
             return Readiness(False, "no poll cycle has completed yet")
         age = time.time() - int(last_ms) / 1000
-        most = READY_INTERVALS * self.settings.poll_interval
+        # An idle poller waits the idle interval: that is not staleness.
+        longest = max(self.settings.poll_interval, self.settings.idle_interval or 0)
+        most = READY_INTERVALS * longest
         if age > most:
             return Readiness(
                 False,
                 f"no replica completed a poll cycle in the last {age:.1f} s "
-                f"(at most {most:g} s: {READY_INTERVALS} poll intervals); see the "
+                f"(at most {most:g} s: {READY_INTERVALS} poll or idle intervals); see the "
                 f"leader's log",
             )
         return Readiness(True, f"last poll cycle completed {age:.1f} s ago")

@@ -108,6 +108,10 @@ class Observed:
             return OLDEST_FIRST
         return None
 
+    def live(self, stalled_before_ms: int) -> int:
+        """Unfinished requests that are not stalled: while there are some, poll often."""
+        return sum(created >= stalled_before_ms for created in self.unfinished.values())
+
     def cut(self, stalled_before_ms: int) -> int:
         """created_at from which requests may still change: the oldest unfinished one that
         is not stalled, or just past the newest request when none is unfinished."""
