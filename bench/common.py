@@ -1,4 +1,5 @@
-"""What the benchmarks share: a redis-server of their own, child processes, sample events.
+"""What the benchmarks share: a redis-server of their own, the simulator in a process of its
+own, child processes and their settings, sample events.
 
 The benchmarks run as scripts (`python bench/NAME.py`), so this module is imported by
 its bare name.
@@ -6,18 +7,23 @@ its bare name.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
 
+import notifier
 from notifier.models import Event, LipsyncRequest
 
 
@@ -86,6 +92,91 @@ def redis_server() -> Iterator[int]:
             yield port
         finally:
             stop(process)
+
+
+@dataclass(frozen=True)
+class SimulatorProcess:
+    """A simulator running in a process of its own."""
+
+    url: str  # the API base URL, NOTIFIER_API_URL
+    pid: int
+
+
+@contextmanager
+def simulator_process(
+    requests: int, key: str, *, seed: int = 1, max_limit: int | None = None
+) -> Iterator[SimulatorProcess]:
+    """`python -m notifier.simulator` in its own process, frozen (`--tick 0`), with `requests`
+    backfilled requests (newest first, the default order)."""
+    limit = ("--max-limit", str(max_limit)) if max_limit is not None else ()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "notifier.simulator", "--port", "0", "--tick", "0", "--seed", str(seed)),
+            *("--requests", str(requests), "--api-key", key, *limit),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        for line in process.stdout or ():
+            if match := re.search(rb"(http://\S+/api)", line):
+                url = match.group(1).decode()
+                break
+        else:
+            raise RuntimeError("the simulator exited before printing its URL")
+        yield SimulatorProcess(url, process.pid)
+    finally:
+        stop(process)
+
+
+# Other processes of the machine using more than this share of a core while a benchmark
+# measures make its figures suspect (the benchmark's own process and the kernel land here).
+BACKGROUND_WARNING = 0.15
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process of the machine has used so far, on all cores (Linux)."""
+    ticks = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    busy = sum(int(ticks[index]) for index in (0, 1, 2, 5, 6, 7))  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (Linux: /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def notifier_command(*args: str) -> list[str]:
+    """The `notifier` console script of this interpreter's environment, with `args`."""
+    script = shutil.which("notifier", path=str(Path(sys.executable).parent))
+    return [script, *args] if script else [sys.executable, "-m", "notifier", *args]
+
+
+def notifier_source() -> str:
+    """The directory the notifier under test is imported from, here and in the children
+    (PYTHONPATH may point at another checkout, e.g. an export of an earlier commit)."""
+    return str(Path(notifier.__file__).parent)
+
+
+def notifier_env(**settings: str) -> dict[str, str]:
+    """The environment of a notifier child: this one's without any NOTIFIER_ or CHAMELAION_
+    variable, plus `settings` as NOTIFIER_<NAME> (`api_url=...` -> NOTIFIER_API_URL)."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("NOTIFIER_", "CHAMELAION_"))
+    }
+    env.update({f"NOTIFIER_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
+    """A Markdown table: the first `left` columns left-aligned, the others (figures) right."""
+    align = [*["---"] * left, *["---:"] * (len(headers) - left)]
+    lines = [headers, align, *([str(cell) for cell in row] for row in rows)]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 def events(count: int, status: str) -> list[Event]:
