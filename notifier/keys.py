@@ -83,7 +83,12 @@ class Keys:
 
     def state_of(self, request_id: str) -> str:
         """The bucket hash that holds this request's state."""
-        return self.state(zlib.crc32(request_id.encode()) % STATE_BUCKETS)
+        return self._states[zlib.crc32(request_id.encode()) % STATE_BUCKETS]
+
+    @cached_property
+    def _states(self) -> list[str]:
+        # Named once: a large listing asks for a bucket per request.
+        return [self.state(bucket) for bucket in range(STATE_BUCKETS)]
 
     def heartbeat(self, consumer: str) -> str:
         """Expiring proof that a delivery worker is alive; its pending work is safe."""

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 BASELINE_GRACE_MS = 5 * 60 * 1000
 # Statuses after which a request no longer changes; only these are ever pruned.
 FINISHED_STATUSES = frozenset({"completed", "failed"})
+# apply.lua's answer when events need snapshots the call did not carry.
+NEED_SNAPSHOTS = "SNAPSHOTS"
 # A Redis call that takes longer fails the cycle rather than stalling it.
 REDIS_TIMEOUT = 5.0
 
@@ -175,6 +177,7 @@ class Store:
             len(self.routes),
             *self.routes,
         ]
+        packed: list[str] = []
         bucket_index: dict[str, int] = {}
         for request in requests:
             bucket = self.keys.state_of(request.id)
@@ -182,15 +185,19 @@ class Store:
             if index == len(keys) + 1:
                 keys.append(bucket)
             code = encode_status(request.status)
-            args += [
-                index,
-                request.id,
-                code,
-                _unix_ms(request.created_at.timestamp()),
-                _finished_s(request),
-                request.snapshot() if len(code) == 1 and code in self._notify_on else "",
-            ]
-        changed, events, silenced, first_seen, *entered = await self._run("apply", keys, args)
+            created = _unix_ms(request.created_at.timestamp())
+            packed.append(
+                f"{index} {created} {_finished_s(request)} "
+                f"{len(request.id.encode())} {len(code.encode())} {request.id}{code}"
+            )
+        args.append("".join(packed))
+        # Snapshots go only with the requests the script asks for: most queue no event.
+        reply = await self._run("apply", keys, args)
+        while reply[0] == NEED_SNAPSHOTS:
+            for position in reply[1:]:
+                args += [position, requests[position].snapshot()]
+            reply = await self._run("apply", keys, args)
+        changed, events, silenced, first_seen, *entered = reply
         return Applied(
             changed=changed,
             events=events,

@@ -241,6 +241,50 @@ async def test_the_same_request_twice_in_one_page_is_notified_once(
     assert (applied.changed, applied.events) == (1, 1)
 
 
+async def test_snapshots_travel_only_for_the_requests_that_queue_an_event(
+    redis_client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Building a snapshot for every listed request cost a fifth of a cycle's CPU; a page
+    # goes without them, and the script asks again for those its events need.
+    made: list[str] = []
+    snapshot = LipsyncRequest.snapshot
+
+    def counting(self: LipsyncRequest) -> str:
+        made.append(self.id)
+        return snapshot(self)
+
+    monkeypatch.setattr(LipsyncRequest, "snapshot", counting)
+    finished = [request(f"done-{n}", "completed", finished=1) for n in range(20)]
+    store, epoch = await live_store(redis_client, [*finished, request("a", "processing")])
+    assert made == []  # a baseline queues nothing, so it needs no snapshot
+    applied = await store.apply(
+        [*finished, request("a", "failed"), request("b", "completed")], epoch, TOKEN
+    )
+    assert (applied.changed, applied.events, applied.first_seen) == (2, 2, 1)
+    assert made == ["a", "b"]
+    assert [(e.request.id, e.status, e.previous_status) for e in await events(store)] == [
+        ("a", "failed", "processing"),
+        ("b", "completed", None),
+    ]
+
+
+async def test_ids_and_statuses_of_any_characters_survive_the_packed_page(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    # A page travels as one packed string; lengths in bytes, not separators, delimit it.
+    odd = ["id with spaces 12 34 ", "ünïcødé-✓", "7 1 2 3 4 5 ", "a|b|c"]
+    store, epoch = await live_store(redis_client, [request(rid, "processing") for rid in odd])
+    applied = await store.apply(
+        [request(rid, "completed", finished=1) for rid in odd] + [request("x", "weird 9 9 ✓")],
+        epoch,
+        TOKEN,
+    )
+    assert (applied.changed, applied.events) == (5, 4)
+    assert sorted(e.request.id for e in await events(store)) == sorted(odd)
+    assert (await store.stored("x")).status == "weird 9 9 ✓"
+    assert (await store.stored("ünïcødé-✓")).finished_s is not None
+
+
 async def test_unknown_statuses_are_stored_whole_and_never_notify(
     redis_client: redis.asyncio.Redis,
 ) -> None:

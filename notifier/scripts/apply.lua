@@ -9,12 +9,15 @@
 -- (empty unless it did), and its status last, as an unknown status may hold any character.
 --
 -- Returns changed, events, silenced and first-seen counts, then status code / count pairs
--- of the requests that entered each status.
+-- of the requests that entered each status; or, writing nothing, 'SNAPSHOTS' and the
+-- positions in the page of the requests whose event needs the snapshot left empty.
 --
 -- KEYS: 1 epoch, 2 lease, 3 outbox, 4.. state buckets
 -- ARGV: 1 lease token, 2 epoch id, 3 notify_on codes, 4 detection unix ms, 5 route count n,
---       6..5+n route names, then 6 per request: index of its bucket in KEYS, id,
---       status code, created_at unix ms, finished unix s or "", snapshot (for notify_on)
+--       6..5+n route names, 6+n the page's requests packed in one string (one argument
+--       per field cost the caller more than the rest of the call), then position / snapshot
+--       pairs. Each request is "<bucket index in KEYS> <created_at unix ms> <finished unix
+--       s or nothing> <bytes of id> <bytes of status code> " followed by the id and the code.
 local epoch, refused = guard(KEYS[2], ARGV[1], KEYS[1], ARGV[2],
   'phase', 'newest', 'horizon', 'existing')
 if refused then return refused end
@@ -31,12 +34,28 @@ end
 local notify_on, detected = ARGV[3], ARGV[4]
 local baseline, existing = epoch[2] == 'baseline', epoch[5] == '1'
 local newest, horizon = tonumber(epoch[3]), tonumber(epoch[4])
-local changed, events, silenced, first = 0, 0, 0, 0
-local entered = {}  -- status code -> requests that entered it (first sightings of a baseline aside)
-for i = 6 + routes, #ARGV, 6 do
-  local bucket, id, code = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
-  local created, finished = tonumber(ARGV[i + 3]), ARGV[i + 4]
-  local stored = redis.call('HGET', bucket, id)
+
+-- The page's requests, and the snapshots the caller sent (by position in the page).
+local packed, requests, snapshots = ARGV[6 + routes], {}, {}
+local at = 1
+while at <= #packed do
+  local _, stop, index, created, finished, id_bytes, code_bytes =
+    string.find(packed, '^(%d+) (%d+) (%d*) (%d+) (%d+) ', at)
+  local id_end = stop + tonumber(id_bytes)
+  at = id_end + tonumber(code_bytes) + 1
+  requests[#requests + 1] = {KEYS[tonumber(index)], string.sub(packed, stop + 1, id_end),
+    string.sub(packed, id_end + 1, at - 1), tonumber(created), finished}
+end
+for i = 7 + routes, #ARGV, 2 do snapshots[tonumber(ARGV[i])] = ARGV[i + 1] end
+
+-- First decide every request, writing nothing: an event needs the request's snapshot,
+-- which the caller sends only when asked (most listed requests queue no event).
+local decided, missing = {}, {}
+local pending = {}  -- id -> the state this call will store, so a repeat in the page sees it
+for position, r in ipairs(requests) do
+  local bucket, id, code, created = r[1], r[2], r[3], r[4]
+  local stored = pending[id]
+  if stored == nil then stored = redis.call('HGET', bucket, id) end
   local accounted, previous = '', ''
   if stored then
     local a, _, p = string.match(stored, '^(%a*)|(%d*)|(.*)$')
@@ -46,24 +65,39 @@ for i = 6 + routes, #ARGV, 6 do
   if previous ~= code then
     local fires = #code == 1 and string.find(notify_on, code, 1, true) ~= nil
       and string.find(accounted, code, 1, true) == nil
-    local emit = fires
+    local emit, silenced = fires, false
     if fires and not stored then
       if baseline then
         emit = existing
       elseif created <= horizon then
-        emit, silenced = false, silenced + 1
+        emit, silenced = false, true
       end
     end
     if fires then accounted = accounted .. code end
-    if emit then
-      redis.call('XADD', KEYS[3], '*', 'r', ARGV[i + 5], 'p', previous, 't', detected)
-      events = events + 1
-    end
-    redis.call('HSET', bucket, id, accounted .. '|' .. finished .. '|' .. code)
-    changed = changed + 1
-    if not stored then first = first + 1 end
-    if stored or not baseline then entered[code] = (entered[code] or 0) + 1 end
+    if emit and not snapshots[position - 1] then missing[#missing + 1] = position - 1 end
+    decided[#decided + 1] = {r, accounted, previous, emit, silenced, stored, position - 1}
+    pending[id] = accounted .. '|' .. r[5] .. '|' .. code
   end
+end
+if #missing > 0 then
+  table.insert(missing, 1, 'SNAPSHOTS')
+  return missing
+end
+
+local changed, events, silenced, first = 0, 0, 0, 0
+local entered = {}  -- status code -> requests that entered it (first sightings of a baseline aside)
+for _, d in ipairs(decided) do
+  local r, accounted, previous, emit, quiet, stored = d[1], d[2], d[3], d[4], d[5], d[6]
+  local code = r[3]
+  if emit then
+    redis.call('XADD', KEYS[3], '*', 'r', snapshots[d[7]], 'p', previous, 't', detected)
+    events = events + 1
+  end
+  if quiet then silenced = silenced + 1 end
+  redis.call('HSET', r[1], r[2], accounted .. '|' .. r[5] .. '|' .. code)
+  changed = changed + 1
+  if not stored then first = first + 1 end
+  if stored or not baseline then entered[code] = (entered[code] or 0) + 1 end
 end
 if baseline and newest > tonumber(epoch[3]) then
   redis.call('HSET', KEYS[1], 'newest', newest)
