@@ -267,5 +267,6 @@ def _finished_s(request: LipsyncRequest) -> int | str:
     """When a finished request finished, rounded up: its created_at is never later."""
     if request.status not in FINISHED_STATUSES:
         return ""
-    moments = [request.created_at, *filter(None, [request.finished_at])]
-    return math.ceil(max(moment.timestamp() for moment in moments))
+    finished = request.finished_at
+    moment = request.created_at if finished is None else max(request.created_at, finished)
+    return math.ceil(moment.timestamp())
