@@ -16,7 +16,6 @@ import asyncio
 import statistics
 import time
 import uuid
-from datetime import timedelta
 
 from notifier.api import ApiClient
 from notifier.config import standalone_settings
@@ -30,20 +29,6 @@ from common import markdown_table, redis_server
 KEY = "bench-key"
 # The rate ceiling is a setting, not a cost: lift it to time the sweep's own work.
 UNTHROTTLED = 1_000_000
-
-
-def account(order: Order, requests: int, unfinished: int) -> Simulator:
-    """`requests` finished requests over the past day, then `unfinished` in progress."""
-    simulator = Simulator(api_key=KEY, order=order, seed=7)
-    simulator.backfill(requests, span=timedelta(days=1))
-    for request in simulator.requests.values():
-        if request.status == "queued":
-            simulator.start(request.id)
-        if request.status == "processing":
-            simulator.complete(request.id)
-    for request in simulator.create(unfinished, reference_id="batch"):
-        simulator.start(request.id)
-    return simulator
 
 
 async def steady_cycles(
@@ -96,7 +81,8 @@ def main() -> None:
         url = f"redis://127.0.0.1:{port}/0"
         for order in (Order.NEWEST_FIRST, Order.OLDEST_FIRST):
             for every, kind in ((1, "full sweep"), (10_000, "incremental")):
-                simulator = account(order, args.requests, args.unfinished)
+                simulator = Simulator(api_key=KEY, order=order, seed=7)
+                simulator.history(args.requests, args.unfinished)
                 # Full sweeps are slow and all alike: three of them tell enough.
                 count = args.cycles if every > 1 else min(args.cycles, 3)
                 figures = asyncio.run(steady_cycles(simulator, url, count, every))

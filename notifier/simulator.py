@@ -216,6 +216,20 @@ class Simulator:
             elif roll < 0.65:
                 self.fail(request.id)
 
+    def history(
+        self, finished: int, unfinished: int, *, span: timedelta = timedelta(days=1)
+    ) -> None:
+        """A large account at rest: `finished` requests over the past `span`, every one
+        done, then a batch of `unfinished` new ones in progress."""
+        self.backfill(finished, span=span)
+        for request in self.requests.values():
+            if request.status == "queued":
+                self.start(request.id)
+            if request.status == "processing":
+                self.complete(request.id)
+        for request in self.create(unfinished, reference_id="batch"):
+            self.start(request.id)
+
     def inject(self, fault: Fault, count: int = 1) -> None:
         """Make the next `count` list responses (after authentication) suffer `fault`."""
         self.faults.extend([fault] * count)

@@ -14,6 +14,7 @@ import redis.asyncio
 
 from notifier.api import ApiClient
 from notifier.config import Settings, load_settings
+from notifier.metrics import Metrics
 from notifier.models import Event
 from notifier.poller import Poller
 from notifier.simulator import Simulator
@@ -38,10 +39,14 @@ def make_settings(api_url: str, **flags: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def poller_of(
-    settings: Settings, client: redis.asyncio.Redis, *, hold: bool = True
+    settings: Settings,
+    client: redis.asyncio.Redis,
+    *,
+    hold: bool = True,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Poller]:
     """A poller with its own API session; holding the lease unless told otherwise."""
-    async with ApiClient(settings) as api:
+    async with ApiClient(settings, metrics) as api:
         poller = Poller(settings, client, api, rng=random.Random(7))
         if hold:
             assert await poller.lease.acquire()

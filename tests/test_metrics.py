@@ -3,10 +3,6 @@ and that no label ever carries a URL or a secret."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +22,12 @@ from notifier.keys import Keys
 from notifier.logs import secrets_of
 from notifier.metrics import Metrics
 from notifier.models import LipsyncRequest
-from notifier.poller import Poller
 from notifier.queue import RouteQueue
 from notifier.simulator import Fault, FaultKind, Simulator
 from notifier.store import Store, connect_redis
 
 from conftest import FakeClock, eventually
+from polling import make_settings, poller_of, running
 from receiver import Receiver
 from samples import QUEUED, SIMULATOR_KEY
 
@@ -336,35 +332,6 @@ async def test_an_api_call_that_times_out_counts_as_timeout(
 # Poll cycles.
 
 
-def poll_settings(api_url: str, **flags: Any) -> Settings:
-    """One webhook route, polled every 0.1 s."""
-    return load_settings(
-        {
-            "api_url": api_url,
-            "api_key": SIMULATOR_KEY,
-            "webhook_url": "http://127.0.0.1:9/hook",
-            "poll_interval": 0.1,
-            **flags,
-        }
-    )
-
-
-@contextlib.asynccontextmanager
-async def polling(
-    settings: Settings, client: redis.asyncio.Redis, metrics: Metrics | None = None
-) -> AsyncIterator[Poller]:
-    """`Poller.run` in the background until the block ends."""
-    async with ApiClient(settings, metrics or Metrics()) as api:
-        poller = Poller(settings, client, api, rng=random.Random(7))
-        stop = asyncio.Event()
-        task = asyncio.create_task(poller.run(stop))
-        try:
-            yield poller
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, timeout=5)
-
-
 def completed_cycles(metrics: Metrics) -> float:
     return value(metrics, CYCLES, outcome="completed") or 0
 
@@ -373,7 +340,10 @@ async def test_completed_cycles_are_counted_and_timed_while_this_replica_leads(
     redis_client: redis.asyncio.Redis, simulator: Simulator, api_url: str
 ) -> None:
     simulator.backfill(30)
-    async with polling(poll_settings(api_url), redis_client) as poller:
+    async with (
+        poller_of(make_settings(api_url), redis_client, hold=False) as poller,
+        running(poller),
+    ):
         metrics = poller.metrics
         await eventually(lambda: completed_cycles(metrics) >= 2)
         assert value(metrics, "notifier_poller_leader") == 1
@@ -391,7 +361,10 @@ async def test_a_baseline_counts_no_transitions_and_a_later_completion_counts_on
     simulator.backfill(20)
     (request_,) = simulator.create()
     simulator.start(request_.id)
-    async with polling(poll_settings(api_url), redis_client) as poller:
+    async with (
+        poller_of(make_settings(api_url), redis_client, hold=False) as poller,
+        running(poller),
+    ):
         metrics = poller.metrics
         await eventually(lambda: completed_cycles(metrics) >= 1)
         # The baseline saw every request for the first time: none of that is a transition.
@@ -411,7 +384,10 @@ async def test_failed_cycles_are_counted_as_failed_and_not_timed(
 ) -> None:
     simulator.create(3)
     simulator.inject(Fault(FaultKind.SERVER_ERROR), count=2)
-    async with polling(poll_settings(api_url), redis_client) as poller:
+    async with (
+        poller_of(make_settings(api_url), redis_client, hold=False) as poller,
+        running(poller),
+    ):
         metrics = poller.metrics
         await eventually(lambda: completed_cycles(metrics) >= 1)
     assert value(metrics, CYCLES, outcome="failed") == 2
@@ -423,7 +399,10 @@ async def test_redis_losing_its_data_counts_one_rebaseline_and_no_transitions(
     redis_client: redis.asyncio.Redis, simulator: Simulator, api_url: str
 ) -> None:
     simulator.backfill(10)
-    async with polling(poll_settings(api_url), redis_client) as poller:
+    async with (
+        poller_of(make_settings(api_url), redis_client, hold=False) as poller,
+        running(poller),
+    ):
         metrics = poller.metrics
         await eventually(lambda: completed_cycles(metrics) >= 1)
         await redis_client.flushall()  # a restart without persistence
@@ -481,7 +460,10 @@ async def test_no_label_of_a_full_exposition_holds_a_url_or_a_secret(rig: Rig) -
     (request_,) = rig.simulator.create()
     rig.simulator.start(request_.id)
     metrics = Metrics()
-    async with polling(settings, rig.client, metrics) as poller:
+    async with (
+        poller_of(settings, rig.client, hold=False, metrics=metrics) as poller,
+        running(poller),
+    ):
         await eventually(lambda: completed_cycles(metrics) >= 1)
         rig.simulator.complete(request_.id)
         await eventually(lambda: value(metrics, TRANSITIONS, status="completed") == 1)

@@ -29,18 +29,6 @@ from polling import (
 Transitions = Counter[tuple[str, str, str | None]]
 
 
-def large_account(simulator: Simulator, history: int, unfinished: int) -> None:
-    """`history` finished requests over the past day, then `unfinished` recent ones."""
-    simulator.backfill(history, span=timedelta(days=1))
-    for request in simulator.requests.values():
-        if request.status == "queued":
-            simulator.start(request.id)
-        if request.status == "processing":
-            simulator.complete(request.id)
-    for request in simulator.create(unfinished, reference_id="batch"):
-        simulator.start(request.id)
-
-
 async def cycles(
     poller: Poller, simulator: Simulator, count: int, **progress: float
 ) -> Transitions:
@@ -59,7 +47,7 @@ async def test_a_steady_cycle_lists_only_new_and_unfinished_requests_in_3_calls(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str, order: Order
 ) -> None:
     simulator.order = order
-    large_account(simulator, history=5_000, unfinished=50)
+    simulator.history(5_000, 50)
     settings = make_settings(api_url, page_size=100)
     async with poller_of(settings, redis_factory()) as poller:
         await poller.cycle()  # the baseline: a full sweep that learns the order
@@ -83,7 +71,7 @@ async def test_a_steady_cycle_lists_only_new_and_unfinished_requests_in_3_calls(
 async def test_a_full_sweep_runs_every_full_sweep_every_cycles(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str
 ) -> None:
-    large_account(simulator, history=500, unfinished=10)
+    simulator.history(500, 10)
     settings = make_settings(api_url, page_size=100, full_sweep_every=3)
     async with poller_of(settings, redis_factory()) as poller:
         kinds = []
@@ -98,7 +86,7 @@ async def test_a_full_sweep_runs_every_full_sweep_every_cycles(
 async def test_no_transition_is_missed_when_the_order_changes_under_the_sweep(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str, later: Order
 ) -> None:
-    large_account(simulator, history=600, unfinished=40)
+    simulator.history(600, 40)
     settings = make_settings(api_url, page_size=50)
     async with poller_of(settings, redis_factory()) as poller:
         await poller.cycle()
@@ -113,7 +101,7 @@ async def test_a_random_order_is_never_swept_incrementally(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str
 ) -> None:
     simulator.order = Order.RANDOM
-    large_account(simulator, history=300, unfinished=20)
+    simulator.history(300, 20)
     async with poller_of(make_settings(api_url, page_size=50), redis_factory()) as poller:
         await poller.cycle()
         expected = await cycles(poller, simulator, 4, fail_ratio=0.2)
@@ -126,7 +114,7 @@ async def test_requests_created_mid_cycle_are_never_missed(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str, order: Order
 ) -> None:
     simulator.order = order
-    large_account(simulator, history=400, unfinished=30)
+    simulator.history(400, 30)
     async with poller_of(make_settings(api_url, page_size=20), redis_factory()) as poller:
         await poller.cycle()
         at_baseline = statuses(simulator)
@@ -161,7 +149,7 @@ async def test_requests_created_mid_cycle_are_never_missed(
 async def test_an_old_request_that_changes_is_caught_by_the_next_full_sweep(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str
 ) -> None:
-    large_account(simulator, history=500, unfinished=10)
+    simulator.history(500, 10)
     # Stuck for 8 hours: older than stalled_after, so it is left to the full sweeps.
     (stuck,) = simulator.create(created_at=simulator.clock() - timedelta(hours=8))
     simulator.start(stuck.id)
@@ -183,7 +171,7 @@ async def test_a_stuck_request_does_not_pin_the_window(
 ) -> None:
     (stuck,) = simulator.create(created_at=simulator.clock() - timedelta(hours=20))
     simulator.start(stuck.id)
-    large_account(simulator, history=3_000, unfinished=20)
+    simulator.history(3_000, 20)
     async with poller_of(make_settings(api_url, page_size=100), redis_factory()) as poller:
         await poller.cycle()
         made = simulator.calls
