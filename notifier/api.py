@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +292,11 @@ class Listing:
         head = range(0, missing, step)
         tail = range(max(0, self._covered_end - missing), self.total, step)
         return deque(sorted({*head, *tail}))
+
+    async def fetch(self, offsets: Iterable[int]) -> list[ListResponse]:
+        """The responses at these offsets (and after any short page among them), fetched
+        `concurrency` at a time, outside the complete-listing logic."""
+        return [response async for response in self._fetch_all(deque(offsets))]
 
     async def _fetch_all(
         self, offsets: deque[int], ready: ListResponse | None = None

@@ -12,9 +12,8 @@ cycles as a safety net.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from notifier.api import ApiClient, ListResponse
@@ -172,7 +171,8 @@ async def fetch_window(api: ApiClient, state: SweepState) -> Window:
         first = await api.fetch_page(start, api.page_size)
         end, expected = first.total, first.total - state.settled
     step = first.returned if 0 < first.returned < api.page_size else api.page_size
-    responses = [first, *await _fetch_all(api, range(start + max(first.returned, 1), end, step))]
+    listing = api.listing()
+    responses = [first, *await listing.fetch(range(start + max(first.returned, 1), end, step))]
     for round_ in range(OVERLAP_ROUNDS + 1):
         window, edge = _split(responses, first.total, state.edge_created)
         if len(window) == expected and edge == state.edge:
@@ -184,11 +184,11 @@ async def fetch_window(api: ApiClient, state: SweepState) -> Window:
             )
         # Requests with equal created_at may trade places across a page boundary between
         # two reads: read a page straddling each such boundary, and look again.
-        responses += await _fetch_all(api, _straddling(responses, step))
+        responses += await listing.fetch(_straddling(responses, step))
+    requests = list(window.values())
     observed = Observed()
-    for request in window.values():
-        observed.add(ListResponse(0, [request], [], first.total))
-    return Window(list(window.values()), observed, first.total)
+    observed.add(ListResponse(start, requests, [], first.total))
+    return Window(requests, observed, first.total)
 
 
 def _split(
@@ -219,22 +219,6 @@ def _straddling(responses: list[ListResponse], step: int) -> list[int]:
         if requests and following and _unix_ms(requests[-1]) == _unix_ms(following[0]):
             offsets.append(max(0, offset + len(requests) - step // 2))
     return offsets
-
-
-async def _fetch_all(api: ApiClient, offsets: Iterable[int]) -> list[ListResponse]:
-    limit = asyncio.Semaphore(api.concurrency)
-
-    async def fetch(offset: int) -> ListResponse:
-        async with limit:
-            return await api.fetch_page(offset, api.page_size)
-
-    tasks = [asyncio.ensure_future(fetch(offset)) for offset in offsets]
-    try:
-        return list(await asyncio.gather(*tasks))  # the first ApiError, as it is
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _unix_ms(request: LipsyncRequest) -> int:

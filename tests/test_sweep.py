@@ -6,13 +6,15 @@ Every poller test runs on fakeredis and on a real redis-server, against the simu
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from datetime import timedelta
 
 import pytest
 
+from notifier.api import ApiError
 from notifier.poller import Poller
-from notifier.simulator import Order, Simulator
+from notifier.simulator import Fault, FaultKind, Order, Simulator
 from notifier.sweep import NEWEST_FIRST, OLDEST_FIRST, Observed, SweepState
 
 from conftest import RedisFactory
@@ -197,3 +199,34 @@ def test_a_stored_state_of_another_epoch_or_without_an_edge_is_not_used() -> Non
     assert SweepState.parse({**state.fields(), "edge": ""}, "epoch-1") is None
     assert SweepState.parse({**state.fields(), "order": "random"}, "epoch-1") is None
     assert SweepState.parse({"epoch": "epoch-1"}, "epoch-1") is None
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(FaultKind.SERVER_ERROR),
+        Fault(FaultKind.RATE_LIMIT, retry_after="1"),
+        Fault(FaultKind.INVALID_JSON),
+        Fault(FaultKind.MALFORMED_ITEM, index=3, field="status", value=None),
+    ],
+    ids=lambda fault: fault.kind.value,
+)
+async def test_an_incremental_cycle_that_fails_half_way_loses_nothing(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str, fault: Fault
+) -> None:
+    simulator.history(2_000, 150)  # a window of two pages
+    async with poller_of(make_settings(api_url, page_size=100), redis_factory()) as poller:
+        await poller.cycle()
+        before = statuses(simulator)
+        simulator.progress(fail_ratio=0.3)
+        expected = expected_transitions(before, statuses(simulator))
+        # The window's first page comes back; the fault hits its second.
+        second = simulator.calls + 2
+        simulator.hooks.append(lambda call: simulator.inject(fault) if call == second else None)
+        with contextlib.suppress(ApiError):
+            await poller.cycle()
+        assert not simulator.faults  # the fault did hit a page of the window
+        simulator.hooks.clear()
+        await poller.cycle()
+        assert sum(expected.values()) > 10
+        assert transitions(await outbox(poller)) == expected
