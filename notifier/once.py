@@ -53,7 +53,8 @@ class OnceReport:
             cycle = "cycle: failed"
         else:
             kind = "baseline, " if self.cycle.baseline else ""
-            cycle = f"cycle: {kind}{self.cycle.listed} requests, {self.cycle.events} events queued"
+            listed, events = self.cycle.listed, self.cycle.events
+            cycle = f"cycle: {kind}{listed} requests listed, {events} events queued"
         t = self.tally
         delivery = (
             f"delivery: {t.delivered} delivered, {t.retried} scheduled for retry, "
