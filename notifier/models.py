@@ -6,13 +6,15 @@ into `Event`s in the outbox, and a sink answers each send with a `SendResult`.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
 # Fixed forever: changing it would change every webhook-id, and receivers that
 # de-duplicate on webhook-id would see old events as new.
@@ -41,19 +43,15 @@ def decode_status(code: str) -> str:
     return _STATUS_NAMES.get(code) or code.removeprefix(UNKNOWN_STATUS_MARK)
 
 
-def _as_utc(value: datetime) -> datetime:
-    # The API documents UTC; a timestamp without an offset is taken to be UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def format_timestamp(value: datetime) -> str:
     """Format a datetime as ISO 8601 in UTC with a `Z` suffix, as the API writes them."""
     return value.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
 
 
-UtcDateTime = Annotated[
-    datetime, AfterValidator(_as_utc), PlainSerializer(format_timestamp, return_type=str)
-]
+# Written as UTC with a `Z`. Values keep the offset they were listed with (an aware
+# datetime is the same instant whatever its offset); only naive ones are made UTC.
+UtcDateTime = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]
+_TIMESTAMPS = ("created_at", "started_at", "finished_at")
 
 
 class LipsyncRequest(BaseModel):
@@ -73,6 +71,23 @@ class LipsyncRequest(BaseModel):
     finished_at: UtcDateTime | None = None
     output_url: str | None = None
     error_message: str | None = None
+
+    @model_validator(mode="after")
+    def _naive_as_utc(self) -> LipsyncRequest:
+        # The API documents UTC, so a timestamp without an offset is taken to be UTC. One
+        # check per request, not a validator per field: those were half the cost of
+        # validating a page.
+        for name in _TIMESTAMPS:
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                object.__setattr__(self, name, value.replace(tzinfo=UTC))
+        return self
+
+    @cached_property
+    def created_ms(self) -> int:
+        """`created_at` in unix milliseconds, as the store and the sweep compare it (cached:
+        a `model_copy` with another created_at would keep the old value)."""
+        return math.floor(self.created_at.timestamp() * 1000)
 
     def snapshot(self) -> str:
         """Compact JSON of this request (absent fields left out), as stored in an event."""

@@ -185,9 +185,8 @@ class Store:
             if index == len(keys) + 1:
                 keys.append(bucket)
             code = encode_status(request.status)
-            created = _unix_ms(request.created_at.timestamp())
             packed.append(
-                f"{index} {created} {_finished_s(request)} "
+                f"{index} {request.created_ms} {_finished_s(request)} "
                 f"{len(request.id.encode())} {len(code.encode())} {request.id}{code}"
             )
         args.append("".join(packed))
@@ -259,14 +258,11 @@ class Store:
             raise refusal(str(exc).split(" ", 1)[1]) from None
 
 
-def _unix_ms(seconds: float) -> int:
-    return math.floor(seconds * 1000)
-
-
 def _finished_s(request: LipsyncRequest) -> int | str:
     """When a finished request finished, rounded up: its created_at is never later."""
     if request.status not in FINISHED_STATUSES:
         return ""
+    # created_at to the millisecond, which the sweep has already worked out.
+    created = request.created_ms / 1000
     finished = request.finished_at
-    moment = request.created_at if finished is None else max(request.created_at, finished)
-    return math.ceil(moment.timestamp())
+    return math.ceil(created if finished is None else max(created, finished.timestamp()))

@@ -58,6 +58,22 @@ def test_timestamps_keep_their_instant_and_are_written_back_in_utc() -> None:
 
 
 @pytest.mark.parametrize(
+    "created_at", ["2026-03-30T11:02:00.5Z", "2026-03-30T13:02:00.5+02:00", "2026-03-30T11:02:00.5"]
+)
+def test_created_ms_is_the_same_instant_whatever_the_offset(created_at: str) -> None:
+    request = LipsyncRequest.model_validate({**QUEUED, "created_at": created_at})
+    assert request.created_ms == 1774868520500
+
+
+def test_created_ms_is_not_a_field() -> None:
+    request = LipsyncRequest.model_validate(QUEUED)
+    assert request.created_ms > 0
+    assert request == LipsyncRequest.model_validate(QUEUED)
+    assert "created_ms" not in request.model_dump()
+    assert "created_ms" not in request.snapshot()
+
+
+@pytest.mark.parametrize(
     ("item", "field"),
     [
         ({**QUEUED, "id": ""}, "id"),
