@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio
@@ -24,6 +24,7 @@ from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
+from notifier.models import LipsyncRequest
 from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
 from notifier.sweep import Observed, SweepState, WindowMismatch, advance, fetch_window, learn
 from notifier.tasks import running, unless_stopped
@@ -39,6 +40,9 @@ MAX_RATE_LIMIT_WAIT = 600.0
 # Each cycle prunes this many state buckets: a full sweep every 64 cycles, little work each.
 PRUNE_BUCKETS_PER_CYCLE = 64
 SECONDS_PER_DAY = 86_400
+# Apply calls in flight at once: Redis runs one page's script while the notifier reads
+# and packs the next. Pages of a listing hold no request twice, so their order is free.
+APPLY_IN_FLIGHT = 2
 # Cycle failures a poller recovers from by waiting and polling again.
 RECOVERABLE = (TransientApiError, RateLimited, AuthError, UnexpectedResponse, StoreRefused)
 
@@ -54,6 +58,7 @@ class CycleResult:
     silenced: int = 0  # old requests first seen finished after the baseline, not notified
     pruned: int = 0  # finished requests forgotten after the retention
     unfinished: int = 0  # requests listed unfinished (stalled ones aside)
+    first_seen: int = 0  # requests that had no stored state
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
 
     def add(self, applied: Applied) -> None:
@@ -61,6 +66,7 @@ class CycleResult:
         self.changed += applied.changed
         self.events += applied.events
         self.silenced += applied.silenced
+        self.first_seen += applied.first_seen
         for status, count in applied.entered.items():
             self.entered[status] = self.entered.get(status, 0) + count
 
@@ -146,8 +152,7 @@ class Poller:
         observed = Observed()
         listing = self.api.listing(observed.add)
         async with contextlib.aclosing(aiter(listing)) as pages:
-            async for page in pages:
-                result.add(await self.store.apply(page.requests, epoch, self.lease.token))
+            await self._apply((page.requests async for page in pages), epoch, result)
         result.listed = listing.distinct
         result.unfinished = observed.live(self._stalled_before_ms())
         self.metrics.sweeps.labels("full").inc()
@@ -160,13 +165,9 @@ class Poller:
         applied stays applied: each page is a true picture of its requests)."""
         try:
             window = await fetch_window(self.api, state)
-            first_seen = 0
-            for start in range(0, len(window.requests), self.api.page_size):
-                chunk = window.requests[start : start + self.api.page_size]
-                applied = await self.store.apply(chunk, epoch, self.lease.token)
-                result.add(applied)
-                first_seen += applied.first_seen
-            grown = window.total - state.total
+            seen_before = result.first_seen
+            await self._apply(_chunks(window.requests, self.api.page_size), epoch, result)
+            first_seen, grown = result.first_seen - seen_before, window.total - state.total
             if first_seen != grown:
                 raise WindowMismatch(f"{first_seen} new requests, but the total grew by {grown}")
         except WindowMismatch as exc:
@@ -177,6 +178,24 @@ class Poller:
         result.unfinished = window.observed.live(self._stalled_before_ms())
         self.metrics.sweeps.labels("incremental").inc()
         return advance(state, window.observed, window.total, self._stalled_before_ms())
+
+    async def _apply(
+        self, pages: AsyncIterator[Sequence[LipsyncRequest]], epoch: Epoch, result: CycleResult
+    ) -> None:
+        """Apply every page as it comes, APPLY_IN_FLIGHT calls at a time, into `result`;
+        raises the first failure, of the listing or of a call, once the others are done."""
+        running: set[asyncio.Task[Applied]] = set()
+        try:
+            async for requests in pages:
+                running.add(
+                    asyncio.ensure_future(self.store.apply(requests, epoch, self.lease.token))
+                )
+                await _collect(running, result, keep=APPLY_IN_FLIGHT - 1)
+            await _collect(running, result, keep=0)
+        finally:
+            # Calls in flight run to their end, as a cycle that fails half-way keeps every
+            # page it applied (and a call cut off mid-reply would cost its connection).
+            await asyncio.gather(*running, return_exceptions=True)
 
     def _stalled_before_ms(self) -> int:
         # The local clock, unlike the diff: a wrong guess only costs a wider window.
@@ -268,6 +287,23 @@ class Poller:
         self._prune_next = buckets.stop % STATE_BUCKETS
         retention_s = self.settings.retention_days * SECONDS_PER_DAY
         return await self.store.prune(epoch, self.lease.token, buckets, retention_s)
+
+
+async def _collect(running: set[asyncio.Task[Applied]], result: CycleResult, keep: int) -> None:
+    """Wait until at most `keep` apply calls are running, counting the finished ones."""
+    while len(running) > keep:
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        running -= done
+        # Every exception is retrieved, so none is reported as "never retrieved".
+        if errors := [error for task in done if (error := task.exception()) is not None]:
+            raise errors[0]
+        for task in done:
+            result.add(task.result())
+
+
+async def _chunks(requests: list[LipsyncRequest], size: int) -> AsyncIterator[list[LipsyncRequest]]:
+    for start in range(0, len(requests), size):
+        yield requests[start : start + size]
 
 
 def _log_cycle(result: CycleResult) -> None:

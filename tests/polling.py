@@ -12,6 +12,7 @@ from typing import Any
 
 import redis.asyncio
 
+from notifier import tasks
 from notifier.api import ApiClient
 from notifier.config import Settings, load_settings
 from notifier.metrics import Metrics
@@ -45,12 +46,16 @@ async def poller_of(
     hold: bool = True,
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Poller]:
-    """A poller with its own API session; holding the lease unless told otherwise."""
+    """A poller with its own API session; holding the lease unless told otherwise, and
+    renewing it as `notifier run` does (a test's cycles may outlast a short test TTL)."""
     async with ApiClient(settings, metrics) as api:
         poller = Poller(settings, client, api, rng=random.Random(7))
-        if hold:
-            assert await poller.lease.acquire()
-        yield poller
+        if not hold:
+            yield poller
+            return
+        assert await poller.lease.acquire()
+        async with tasks.running(poller.lease.keep_renewed):
+            yield poller
 
 
 @contextlib.asynccontextmanager

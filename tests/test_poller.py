@@ -148,6 +148,61 @@ async def test_a_baseline_that_fails_half_way_keeps_what_it_recorded(
         assert not (await poller.cycle()).baseline
 
 
+async def test_redis_applies_one_page_while_the_next_is_read(
+    redis_factory: RedisFactory,
+    simulator: Simulator,
+    api_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator.backfill(200)
+    async with poller_of(make_settings(api_url), redis_factory()) as poller:
+        apply, running, most = poller.store.apply, 0, 0
+
+        async def slow_apply(*args: Any) -> Any:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                await asyncio.sleep(0.01)  # a Redis busy with the script
+                return await apply(*args)
+            finally:
+                running -= 1
+
+        monkeypatch.setattr(poller.store, "apply", slow_apply)
+        result = await poller.cycle()
+        assert most == poller_module.APPLY_IN_FLIGHT == 2
+        assert (result.listed, result.first_seen) == (200, 200)
+        assert await poller.store.tracked() == 200
+
+
+async def test_a_refused_page_fails_the_cycle_once_the_page_beside_it_is_applied(
+    redis_factory: RedisFactory,
+    simulator: Simulator,
+    api_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator.backfill(200)
+    settings = make_settings(api_url, list_concurrency=1)
+    async with poller_of(settings, redis_factory()) as poller:
+        apply, calls = poller.store.apply, 0
+
+        async def third_refused(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            call = calls
+            if call == 2:
+                await asyncio.sleep(0.3)  # still running when the third is refused
+            if call == 3:
+                raise LeaseLost("this poller no longer holds the lease")
+            return await apply(*args)
+
+        monkeypatch.setattr(poller.store, "apply", third_refused)
+        with pytest.raises(LeaseLost):
+            await poller.cycle()
+        assert calls == 3
+        assert await poller.store.tracked() == 40  # pages 1 and 2, each whole
+
+
 async def test_notify_existing_notifies_what_was_already_finished_on_the_first_cycle(
     redis_factory: RedisFactory, simulator: Simulator, api_url: str
 ) -> None:
