@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 LIST_PATH = "/v1/lipsync/requests"
 CONNECT_TIMEOUT = 10.0  # seconds; an unreachable API fails fast even with a long total timeout
-MAX_REFETCH_ROUNDS = 12  # re-fetch rounds (half of them full passes) before giving up
+MAX_REFETCH_ROUNDS = 12  # re-fetch rounds before giving up
+# What a re-fetch round reads (see Listing._next_round).
+SHIFTED, TIED, WHOLE = "head and tail", "pages inside runs of equal created_at", "everything"
+FRUITLESS_TIE_ROUNDS = 2
 EXCERPT = 200  # characters of an unexpected body quoted in an error
 
 
@@ -249,6 +252,9 @@ class Listing:
         self.total = 0  # the largest total any page reported
         self._step = client.page_size  # items the server really returns per page
         self._covered_end = 0  # the largest offset + items returned of any page
+        # offset -> (first created_at, last created_at in unix ms, items returned)
+        self._page_ends: dict[int, tuple[int, int, int]] = {}
+        self._fruitless_ties = 0  # rounds of tied pages in a row that found nothing new
 
     @property
     def distinct(self) -> int:
@@ -268,30 +274,48 @@ class Listing:
         if 0 < first.returned < min(first.total, self.client.page_size):
             self._step = first.returned  # the server caps `limit`
         offsets = deque(range(first.returned, first.total, self._step))
+        stage = WHOLE  # the first round lists everything
         for round_ in range(MAX_REFETCH_ROUNDS + 1):
+            before = self.distinct
             async for response in self._fetch_all(offsets, first if round_ == 0 else None):
                 if page := self._accept(response):
                     yield page
             if self.complete:
                 return
-            # Creations shift a listing at its head and its tail, so re-fetch those first;
-            # a gap elsewhere (pages fetched concurrently, equal created_at in an unstable
-            # order) needs the whole range again. Alternate the two until it settles.
-            offsets = self._refetch_offsets(targeted=round_ % 2 == 0)
+            stage, offsets = self._next_round(stage, found_more=self.distinct > before)
         raise ListingNotSettled(
             f"the listing did not settle after {MAX_REFETCH_ROUNDS} rounds of re-fetching: "
             f"{self.distinct} distinct requests seen, but a page reported {self.total}; "
             "requests are changing faster than they can be listed"
         )
 
-    def _refetch_offsets(self, targeted: bool) -> deque[int]:
+    def _next_round(self, stage: str, found_more: bool) -> tuple[str, deque[int]]:
+        """What the next re-fetch round reads, and its offsets. Creations shift a listing
+        at its head and its tail: those first. Then, in an order without a tie-breaker,
+        requests with equal created_at trade places between two reads: the pages that meet
+        inside such a run, while that finds more (after FRUITLESS_TIE_ROUNDS in a row that
+        found nothing, the order is taken to be stable). Then a gap elsewhere: the whole
+        range."""
         step = self._step
-        if not targeted:
-            return deque(range(0, self.total, step))
-        missing = self.total - self.distinct
-        head = range(0, missing, step)
-        tail = range(max(0, self._covered_end - missing), self.total, step)
-        return deque(sorted({*head, *tail}))
+        if stage == TIED:
+            self._fruitless_ties = 0 if found_more else self._fruitless_ties + 1
+        if stage == WHOLE:
+            missing = self.total - self.distinct
+            head = range(0, missing, step)
+            tail = range(max(0, self._covered_end - missing), self.total, step)
+            return SHIFTED, deque(sorted({*head, *tail}))
+        if self._fruitless_ties < FRUITLESS_TIE_ROUNDS and (tied := self._tied_offsets()):
+            return TIED, deque(sorted(tied))
+        return WHOLE, deque(range(0, self.total, step))
+
+    def _tied_offsets(self) -> set[int]:
+        """Offsets of adjacent pages that meet inside a run of equal created_at."""
+        tied: set[int] = set()
+        for offset, (_, last, returned) in self._page_ends.items():
+            following = self._page_ends.get(offset + returned)
+            if following is not None and following[0] == last:
+                tied.update((offset, offset + returned))
+        return tied
 
     async def fetch(self, offsets: Iterable[int]) -> list[ListResponse]:
         """The responses at these offsets (and after any short page among them), fetched
@@ -331,6 +355,9 @@ class Listing:
         response = await self.client.fetch_page(offset, self.client.page_size)
         self.total = max(self.total, response.total)
         self._covered_end = max(self._covered_end, response.offset + response.returned)
+        if response.requests:
+            first, last = response.requests[0], response.requests[-1]
+            self._page_ends[offset] = (first.created_ms, last.created_ms, response.returned)
         return response
 
     def _accept(self, response: ListResponse) -> Page | None:

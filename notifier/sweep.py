@@ -13,6 +13,7 @@ cycles as a safety net.
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,8 +22,13 @@ from notifier.models import LipsyncRequest
 from notifier.store import FINISHED_STATUSES
 
 NEWEST_FIRST, OLDEST_FIRST = "newest-first", "oldest-first"
-# Rounds of extra pages read across boundaries inside runs of equal created_at.
-OVERLAP_ROUNDS = 3
+# Rounds of reading again the pages that share a run of equal created_at. Requests of one
+# run may trade places between two reads in an unstable order, so each read of its pages
+# finds some of them; a run of 300 over pages of 100 misses each request in a round with
+# odds of about (2/3)^3. Reading stops once nothing is missing, or after FRUITLESS_ROUNDS
+# in a row found nothing new (in a stable order, reading again never finds anything).
+TIE_ROUNDS = 12
+FRUITLESS_ROUNDS = 3
 
 
 class WindowMismatch(Exception):
@@ -84,7 +90,7 @@ class Observed:
         """Note the requests of one list response."""
         stamps = []
         for request in response.requests:
-            created = _unix_ms(request)
+            created = request.created_ms
             stamps.append(created)
             self.created[request.id] = created
             if request.status not in FINISHED_STATUSES:
@@ -173,18 +179,22 @@ async def fetch_window(api: ApiClient, state: SweepState) -> Window:
     step = first.returned if 0 < first.returned < api.page_size else api.page_size
     listing = api.listing()
     responses = [first, *await listing.fetch(range(start + max(first.returned, 1), end, step))]
-    for round_ in range(OVERLAP_ROUNDS + 1):
-        window, edge = _split(responses, first.total, state.edge_created)
-        if len(window) == expected and edge == state.edge:
+    window, edge = _split(responses, first.total, state.edge_created)
+    fruitless = 0
+    for _ in range(TIE_ROUNDS):
+        tied = _tied_pages(responses)
+        found_all = len(window) == expected and edge == state.edge
+        if found_all or not tied or fruitless == FRUITLESS_ROUNDS:
             break
-        if round_ == OVERLAP_ROUNDS:
-            raise WindowMismatch(
-                f"{len(window)} requests newer than the settled part where {expected} were "
-                f"expected, and {len(edge & state.edge)} of its {size} edge requests found"
-            )
-        # Requests with equal created_at may trade places across a page boundary between
-        # two reads: read a page straddling each such boundary, and look again.
-        responses += await listing.fetch(_straddling(responses, step))
+        responses += await listing.fetch(tied)
+        found = len(window) + len(edge)
+        window, edge = _split(responses, first.total, state.edge_created)
+        fruitless = fruitless + 1 if len(window) + len(edge) == found else 0
+    if len(window) != expected or edge != state.edge:
+        raise WindowMismatch(
+            f"{len(window)} requests newer than the settled part where {expected} were "
+            f"expected, and {len(edge & state.edge)} of its {size} edge requests found"
+        )
     requests = list(window.values())
     observed = Observed()
     observed.add(ListResponse(start, requests, [], first.total))
@@ -201,7 +211,7 @@ def _split(
         if response.total != total:
             raise WindowMismatch(f"the total moved from {total} to {response.total} mid-cycle")
         for request in response.requests:
-            created = _unix_ms(request)
+            created = request.created_ms
             if created > edge_created:
                 window[request.id] = request
             elif created == edge_created:
@@ -209,17 +219,10 @@ def _split(
     return window, frozenset(edge)
 
 
-def _straddling(responses: list[ListResponse], step: int) -> list[int]:
-    """Offsets of pages centred on each boundary between two pages read whose neighbours
-    have equal created_at."""
-    pages = {response.offset: response.requests for response in responses}
-    offsets = []
-    for offset, requests in pages.items():
-        following = pages.get(offset + len(requests))
-        if requests and following and _unix_ms(requests[-1]) == _unix_ms(following[0]):
-            offsets.append(max(0, offset + len(requests) - step // 2))
-    return offsets
-
-
-def _unix_ms(request: LipsyncRequest) -> int:
-    return int(request.created_at.timestamp() * 1000)
+def _tied_pages(responses: list[ListResponse]) -> list[int]:
+    """Offsets of the pages that hold a created_at some other page also holds."""
+    pages_of: dict[int, set[int]] = defaultdict(set)
+    for response in responses:
+        for request in response.requests:
+            pages_of[request.created_ms].add(response.offset)
+    return sorted({offset for pages in pages_of.values() if len(pages) > 1 for offset in pages})

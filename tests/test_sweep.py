@@ -181,6 +181,33 @@ async def test_a_stuck_request_does_not_pin_the_window(
         assert simulator.calls - made <= 9
 
 
+async def test_a_batch_of_equal_created_at_in_an_unstable_order_is_swept_incrementally(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str
+) -> None:
+    # 300 requests submitted in the same second span 3 pages, and every response lists
+    # them in a new order: each read of those pages finds only some of them.
+    simulator.order = Order.UNSTABLE
+    simulator.history(3_000, 0)
+    submitted = simulator.clock().replace(microsecond=0)
+    for request in simulator.create(300, reference_id="batch", created_at=submitted):
+        simulator.start(request.id)
+    async with poller_of(make_settings(api_url, page_size=100), redis_factory()) as poller:
+        await poller.cycle()
+        sweeps = poller.metrics.sweeps.labels("incremental")
+        expected: Transitions = Counter()
+        incremental_calls = []
+        for _ in range(8):
+            before, made, swept = statuses(simulator), simulator.calls, sweeps._value.get()
+            simulator.progress(fail_ratio=0.2)
+            expected += expected_transitions(before, statuses(simulator))
+            await poller.cycle()
+            if sweeps._value.get() > swept:
+                incremental_calls.append(simulator.calls - made)
+        assert transitions(await outbox(poller)) == expected
+        assert len(incremental_calls) >= 6, incremental_calls
+        assert sum(incremental_calls) / len(incremental_calls) <= 40, incremental_calls
+
+
 def test_the_order_is_read_from_created_at_page_by_page() -> None:
     def observed(*pages: tuple[int, list[int]]) -> Observed:
         seen = Observed()
