@@ -179,7 +179,11 @@ def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 
 
 def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    from notifier.demo import DemoStalled, run_demo  # noqa: PLC0415 - commands import what they need
+    from notifier.demo import (  # noqa: PLC0415 - commands import what they need
+        DemoInterrupted,
+        DemoStalled,
+        run_demo,
+    )
 
     # The demo's story is its output; the service's routine lines would drown it.
     configure_logging(None, level=logging.WARNING)
@@ -188,7 +192,7 @@ def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     except DemoStalled as exc:
         print(f"notifier demo: {exc}; see the warnings above.", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except (DemoInterrupted, KeyboardInterrupt):  # Ctrl-C while the story runs, or before
         return EXIT_INTERRUPTED
     return 0
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from notifier.delivery import Delivery, sink_session
 from notifier.service import GRACE_S, Service
 from notifier.simulator import Simulator, serve_app
 from notifier.store import memory_store
+from notifier.tasks import unless_stopped
 
 EARLIER_REQUESTS = 12  # finished before the notifier starts: the baseline records them silently
 BATCH = "episode-7-ja"
@@ -41,6 +43,10 @@ WIDTH = 78
 
 class DemoStalled(Exception):
     """The demo's flow did not move on within its deadline."""
+
+
+class DemoInterrupted(Exception):
+    """Ctrl-C stopped the demo."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +173,12 @@ def demo_settings(api_url: str, api_key: str, receiver: str) -> Settings:
 
 async def run_demo(out: TextIO) -> None:
     """Tell the story of one batch, from submission to the messages; `DemoStalled` if the
-    flow stops moving."""
+    flow stops moving, `DemoInterrupted` after Ctrl-C."""
     console = Console(out)
     simulator = Simulator(api_key="sim-demo-key")
     simulator.backfill(EARLIER_REQUESTS)
     receiver = ConsoleReceiver(console)
+    interrupted = asyncio.Event()
     async with (
         simulator.serve() as api_url,
         serve_app(receiver.app()) as receiver_url,
@@ -184,14 +191,22 @@ async def run_demo(out: TextIO) -> None:
                 service = Service(settings, client, api, Delivery(settings, client, session))
                 stop, cancel = asyncio.Event(), asyncio.Event()
                 running = asyncio.create_task(service.run(stop, cancel))
+                # Ctrl-C as an event, not asyncio.run's cancellation of this task: on
+                # Python 3.11 a Redis call may swallow that (see tasks.py).
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGINT, interrupted.set)
                 try:
-                    await _story(console, simulator, _Cycles(client, service), receiver)
+                    story = _story(console, simulator, _Cycles(client, service), receiver)
+                    await unless_stopped(story, interrupted)
                 finally:
+                    loop.remove_signal_handler(signal.SIGINT)
                     stop.set()
-                    asyncio.get_running_loop().call_later(GRACE_S, cancel.set)
+                    loop.call_later(GRACE_S, cancel.set)
                     await running
         finally:
             await client.aclose()
+    if interrupted.is_set():
+        raise DemoInterrupted
 
 
 def _introduce(console: Console, api_url: str, receiver_url: str) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -199,3 +200,20 @@ def test_a_demo_that_stalls_exits_1_saying_what_did_not_happen(
     err = capsys.readouterr().err
     assert err.endswith("notifier demo: no poll cycle completed in time; see the warnings above.\n")
     assert "rejected the API key (HTTP 403: unauthorized)" in err
+
+
+def test_ctrl_c_stops_the_demo_with_130_and_no_traceback() -> None:
+    demo_process = subprocess.Popen(
+        [sys.executable, "-u", "-m", "notifier", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert demo_process.stdout is not None
+    for line in demo_process.stdout:  # Ctrl-C once the poller and the workers are running
+        if "baseline:" in line:
+            break
+    demo_process.send_signal(signal.SIGINT)
+    _, err = demo_process.communicate(timeout=10)
+    assert demo_process.returncode == 130
+    assert "Traceback" not in err
