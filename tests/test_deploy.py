@@ -283,6 +283,14 @@ def test_the_service_exposes_the_http_port_of_the_deployments_pods() -> None:
     assert spec["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
 
 
+def test_a_disruption_budget_keeps_one_of_the_two_replicas_through_a_drain() -> None:
+    budget = k8s("PodDisruptionBudget", "chamelaion-notifier")["spec"]
+    deployment = k8s("Deployment", "chamelaion-notifier")["spec"]
+    labels = deployment["template"]["metadata"]["labels"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["minAvailable"] == 1 < deployment["replicas"]
+
+
 def test_the_deployment_reads_every_key_of_the_example_secret_and_no_other() -> None:
     secret = k8s("Secret", "chamelaion-notifier")["stringData"]
     refs = {
