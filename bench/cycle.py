@@ -91,7 +91,7 @@ TARGET_VS_CONCURRENT = 1.2  # net notifier cycle / net bare listing with 4 in fl
 TARGET_RSS_MB = 150.0  # peak RSS of `notifier once`, at 100,000 requests
 TARGET_BYTES = 120.0  # Redis bytes per tracked request, at 100,000 requests
 TARGET_AT = 100_000
-CYCLE_LINE = re.compile(r"^cycle: (baseline, )?(\d+) requests, (\d+) events queued$", re.M)
+CYCLE_LINE = re.compile(r"^cycle: (baseline, )?(\d+) requests listed, (\d+) events queued$", re.M)
 PREFIXES = itertools.count()  # numbers each baseline: its own key prefix
 
 # The commands, in the order each round runs them.
