@@ -348,9 +348,15 @@ async def test_a_crash_before_any_redis_command_loses_no_transition(rig: Rig) ->
     problems = [f"N={run.n}: {problem}" for run in runs for problem in run.problems]
     assert not problems, "\n".join(problems)
 
+    # A run's command count differs by one or two with timing (the worker's heartbeat is
+    # renewed on a timer while it delivers), so runs started beside the first one that
+    # ended may still crash; below it, every N must have crashed.
     crashed = [run for run in runs if run.crashed]
-    last = max(run.n for run in crashed)
-    assert [run.n for run in crashed] == list(range(1, last + 1)), "every N up to the last"
+    ends = [run.n for run in runs if run.ended]
+    assert ends, "the sweep ends when N passes the last command"
+    first_end = min(ends)
+    below = [run.n for run in crashed if run.n < first_end]
+    assert below == list(range(1, first_end)), "every N below the first run that ended"
 
     # The crash points cover applying a page, and taking, reading and settling deliveries.
     def crashed_at(phase: str, *names: str) -> bool:
@@ -363,4 +369,3 @@ async def test_a_crash_before_any_redis_command_loses_no_transition(rig: Rig) ->
     assert crashed_at("delivery", "claim_retries")
     assert crashed_at("delivery", "XREADGROUP", "ack_and_read")
     assert crashed_at("delivery", "settle", "XACK", "ack_and_read")
-    assert any(run.ended for run in runs), "the sweep ends when N passes the last command"
