@@ -53,6 +53,8 @@ RESERVED_HEADERS = frozenset(
         "host",
     }
 )
+# Route options that mean something only with `digest` set.
+DIGEST_OPTIONS = frozenset({"digest_wait", "digest_interval", "digest_statuses", "digest_template"})
 SLACK_ROUTE = "slack"
 WEBHOOK_ROUTE = "webhook"
 
@@ -133,9 +135,17 @@ def _webhook_secret(value: SecretStr) -> SecretStr:
     return value
 
 
+def _no_unknown_statuses(values: list[str]) -> list[str]:
+    return _known_statuses(values) if values else values
+
+
 Seconds = Annotated[float, Field(allow_inf_nan=False)]
 Statuses = Annotated[
     list[str], NoDecode, BeforeValidator(_split_list), AfterValidator(_known_statuses)
+]
+# Like Statuses, but none is a valid choice.
+OptionalStatuses = Annotated[
+    list[str], NoDecode, BeforeValidator(_split_list), AfterValidator(_no_unknown_statuses)
 ]
 HttpUrlStr = Annotated[str, AfterValidator(_http_url)]
 SecretHttpUrl = Annotated[SecretStr, AfterValidator(_secret_http_url)]
@@ -169,14 +179,42 @@ class Route(BaseModel):
         None, min_length=1, description="glob the request's reference_id must match"
     )
     max_concurrency: int = Field(4, ge=1, description="most sends in flight to this route")
+    digest: Literal["reference_id"] | None = Field(
+        None,
+        description='"reference_id": one message per settled batch instead of one per request',
+    )
+    digest_wait: Seconds = Field(
+        30, ge=0, description="seconds nothing in a batch may change before it settles"
+    )
+    digest_interval: Seconds = Field(
+        300, ge=0, description="least seconds between two digests of one batch (follow-ups)"
+    )
+    digest_statuses: OptionalStatuses = Field(
+        default_factory=list,
+        description="statuses still sent one by one, at once, on a digest route, e.g. failed",
+    )
+    digest_template: str | None = Field(
+        None, description="template path of the digest, e.g. slack/digest.json.j2"
+    )
 
     def accepts(self, status: str, reference_id: str | None) -> bool:
-        """Whether this route wants a request entering `status`: its statuses and glob."""
+        """Whether this route sends a request entering `status` on its own: its statuses and
+        glob, and on a digest route only outside batches or in `digest_statuses`."""
         if self.statuses is not None and status not in self.statuses:
             return False
+        if not self.matches(reference_id):
+            return False
+        return self.digest is None or reference_id is None or status in self.digest_statuses
+
+    def matches(self, reference_id: str | None) -> bool:
+        """Whether `reference_id` matches this route's glob (any does without one)."""
         if self.reference_id is None:
             return True
         return reference_id is not None and fnmatch.fnmatchcase(reference_id, self.reference_id)
+
+    def digests(self, reference_id: str) -> bool:
+        """Whether this route sends a digest of the batch `reference_id`."""
+        return self.digest is not None and self.matches(reference_id)
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:
@@ -187,13 +225,19 @@ class Route(BaseModel):
                 raise ValueError(
                     f"header {header!r} is set by the notifier and cannot be overridden"
                 )
-        if self.template is not None and (
-            Path(self.template).is_absolute() or ".." in Path(self.template).parts
-        ):
-            raise ValueError(
-                f"template must be a relative path inside the template directories, "
-                f"got {self.template!r}"
-            )
+        for name in ("template", "digest_template"):
+            path = getattr(self, name)
+            if path is not None and (Path(path).is_absolute() or ".." in Path(path).parts):
+                raise ValueError(
+                    f"{name} must be a relative path inside the template directories, got {path!r}"
+                )
+        if self.digest is None:
+            options = sorted(self.model_fields_set & DIGEST_OPTIONS)
+            if options:
+                raise ValueError(
+                    f"{', '.join(options)} only applies to a digest route; add "
+                    f'digest = "reference_id" or remove {"them" if len(options) > 1 else "it"}'
+                )
         return self
 
 
@@ -361,16 +405,27 @@ class Settings(BaseSettings):
         return route.model_copy(update={"secret": self.webhook_secret})
 
     def _with_statuses(self, route: Route) -> Route:
-        if route.statuses is None:
-            return route.model_copy(update={"statuses": list(self.notify_on)})
-        extra = [status for status in route.statuses if status not in self.notify_on]
+        statuses = list(self.notify_on) if route.statuses is None else route.statuses
+        route = route.model_copy(update={"statuses": statuses})
+        extra = [status for status in statuses if status not in self.notify_on]
         if extra:
             raise ValueError(
                 f"route {route.name!r}: statuses {', '.join(map(repr, extra))} are not in "
                 f"notify_on ({', '.join(self.notify_on)}); add them to "
                 f"{env_name('notify_on')} or remove them from the route"
             )
+        extra = [status for status in route.digest_statuses if status not in statuses]
+        if extra:
+            raise ValueError(
+                f"route {route.name!r}: digest_statuses {', '.join(map(repr, extra))} are not "
+                f"among the statuses the route receives ({', '.join(statuses)})"
+            )
         return route
+
+    @property
+    def digest_routes(self) -> list[Route]:
+        """The routes that send batch digests."""
+        return [route for route in self.routes if route.digest is not None]
 
     def require(self, field: str, why: str) -> Any:
         """The value of a setting a command needs; `ConfigError` naming it if it is unset."""

@@ -62,6 +62,27 @@ class Keys:
         """Hash of route name -> when a worker of some replica last served it (unix ms)."""
         return self._key("routes-seen")
 
+    @cached_property
+    def batches(self) -> str:
+        """Sorted set of every tracked batch (reference_id), scored by its last change (unix
+        ms): the oldest are forgotten after the retention."""
+        return self._key("batches")
+
+    @cached_property
+    def open_batches(self) -> str:
+        """Sorted set of the batches that may owe a digest, scored by their last change."""
+        return self._key("open-batches")
+
+    def batch(self, reference_id: str) -> str:
+        """Hash of one batch: unfinished members, last change, first created_at, result
+        sequence, and per digest route the last result digested and when."""
+        return self._key("batch", reference_id)
+
+    def batch_results(self, reference_id: str) -> str:
+        """Hash of one batch's results not yet in every route's digest: request id ->
+        sequence number, previous status and snapshot."""
+        return self._key("batch-results", reference_id)
+
     def retries(self, route: str) -> str:
         """Sorted set of one route's deliveries to try again (outbox entry ids), scored by
         when they are due (unix ms)."""

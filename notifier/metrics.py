@@ -65,6 +65,9 @@ class Metrics:
             registry=r,
         )
         self.events = Counter("notifier_events_queued", "Events appended to the outbox", registry=r)
+        self.digests = Counter(
+            "notifier_digests_queued", "Batch digests appended to the outbox", registry=r
+        )
         self.silenced = Counter(
             "notifier_requests_recorded_silently",
             "Old requests first seen finished after the baseline: recorded, not notified",

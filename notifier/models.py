@@ -126,6 +126,11 @@ class Event:
         return self.request.status
 
     @property
+    def reference_id(self) -> str | None:
+        """The request's reference_id: the batch it belongs to, if any."""
+        return self.request.reference_id
+
+    @property
     def type(self) -> str:
         """The event type of the webhook body, e.g. `lipsync.request.completed`."""
         return f"lipsync.request.{self.status}"
@@ -155,6 +160,20 @@ class Event:
         except (KeyError, ValueError, ValidationError) as exc:
             raise MalformedEvent(f"outbox entry is not an event: {exc.__class__.__name__}") from exc
         return cls(request=request, previous_status=previous, detected_ms=detected_ms)
+
+    def log_fields(self) -> tuple[str, dict[str, Any]]:
+        """How a log line names this event, and its extra fields."""
+        request = self.request
+        subject = (
+            f"event {self.id} (request {request.id}, reference_id "
+            f"{request.reference_id or '-'}, {self.status})"
+        )
+        return subject, {
+            "event_id": self.id,
+            "request_id": request.id,
+            "reference_id": request.reference_id,
+            "status": self.status,
+        }
 
     def context(self) -> dict[str, Any]:
         """The variables a template sees: `event` and `request`, JSON-ready values only."""

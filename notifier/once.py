@@ -55,6 +55,11 @@ class OnceReport:
             kind = "baseline, " if self.cycle.baseline else ""
             listed, events = self.cycle.listed, self.cycle.events
             cycle = f"cycle: {kind}{listed} requests listed, {events} events queued"
+            if self.cycle.digests or self.cycle.open_batches:
+                cycle += (
+                    f", {self.cycle.digests} batch digests queued, "
+                    f"{self.cycle.open_batches} batches open"
+                )
         t = self.tally
         delivery = (
             f"delivery: {t.delivered} delivered, {t.retried} scheduled for retry, "

@@ -60,6 +60,8 @@ class CycleResult:
     unfinished: int = 0  # requests listed unfinished (stalled ones aside)
     first_seen: int = 0  # requests that had no stored state
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
+    digests: int = 0  # batch digests appended to the outbox
+    open_batches: int = 0  # batches that may still owe a digest
 
     def add(self, applied: Applied) -> None:
         """Count one applied page."""
@@ -141,6 +143,10 @@ class Poller:
             learned = await self._incremental(state, epoch, result)
         if learned is None:
             learned = await self._full(epoch, result)
+        if self.settings.digest_routes:
+            # After a whole listing, so every member of a batch is known.
+            settled = await self.store.settle_batches(epoch, token)
+            result.digests, result.open_batches = settled.digests, settled.open
         await self.store.finish(epoch, token, learned.fields() if learned else None)
         if not epoch.baseline:
             result.pruned = await self._prune(epoch)
@@ -225,8 +231,9 @@ class Poller:
 
     def interval(self, result: CycleResult) -> float:
         """Seconds from one cycle's start to the next: the poll interval while requests are
-        unfinished or events were queued, else the (longer) idle interval."""
-        busy = result.unfinished or result.events or result.baseline
+        unfinished, events were queued or batches may owe a digest, else the (longer) idle
+        interval."""
+        busy = result.unfinished or result.events or result.open_batches or result.baseline
         idle = self.settings.idle_interval
         return self.settings.poll_interval if busy or idle is None else idle
 
@@ -235,6 +242,7 @@ class Poller:
         metrics.cycles.labels("completed").inc()
         metrics.cycle_seconds.observe(seconds)
         metrics.events.inc(result.events)
+        metrics.digests.inc(result.digests)
         metrics.silenced.inc(result.silenced)
         for status, count in result.entered.items():
             metrics.transitions.labels(status).inc(count)
@@ -286,7 +294,10 @@ class Poller:
         buckets = range(start, min(start + PRUNE_BUCKETS_PER_CYCLE, STATE_BUCKETS))
         self._prune_next = buckets.stop % STATE_BUCKETS
         retention_s = self.settings.retention_days * SECONDS_PER_DAY
-        return await self.store.prune(epoch, self.lease.token, buckets, retention_s)
+        pruned = await self.store.prune(epoch, self.lease.token, buckets, retention_s)
+        if self.settings.digest_routes:
+            await self.store.prune_batches(epoch, self.lease.token, retention_s)
+        return pruned
 
 
 async def _collect(running: set[asyncio.Task[Applied]], result: CycleResult, keep: int) -> None:
@@ -311,13 +322,15 @@ def _log_cycle(result: CycleResult) -> None:
         log.info(
             "baseline complete: %d requests recorded, %d notified", result.listed, result.events
         )
-    elif result.events or result.silenced:
+    elif result.events or result.silenced or result.digests:
         log.info(
-            "poll cycle: %d requests, %d changed, %d events queued, %d old requests not notified",
+            "poll cycle: %d requests, %d changed, %d events queued, %d old requests not "
+            "notified, %d batch digests queued",
             result.listed,
             result.changed,
             result.events,
             result.silenced,
+            result.digests,
         )
     else:
         log.debug("poll cycle: %d requests, %d changed", result.listed, result.changed)

@@ -37,6 +37,9 @@ BASELINE_GRACE_MS = 5 * 60 * 1000
 FINISHED_STATUSES = frozenset({"completed", "failed"})
 # apply.lua's answer when events need snapshots the call did not carry.
 NEED_SNAPSHOTS = "SNAPSHOTS"
+# Batches per digest.lua call, and forgotten per cycle once older than the retention.
+SETTLE_BATCHES_PER_CALL = 100
+PRUNE_BATCHES_PER_CALL = 100
 # A Redis call that takes longer fails the cycle rather than stalling it.
 REDIS_TIMEOUT = 5.0
 
@@ -82,6 +85,15 @@ class Applied:
     silenced: int  # first seen finished after the baseline, but older than it: not notified
     first_seen: int = 0  # requests that had no stored state
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
+
+
+@dataclass(slots=True)
+class Settled:
+    """What settling batches did."""
+
+    digests: int = 0  # digests appended to the outbox
+    closed: int = 0  # batches that owe no route a digest any more
+    open: int = 0  # batches still open after it: unfinished, waiting or owing one
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +164,16 @@ class Store:
         self.redis = client
         self.keys = Keys(settings.key_prefix)
         self.routes = [route.name for route in settings.routes]
+        # Batches are tracked only for digest routes: without one, they would cost memory
+        # and time for nothing.
+        self._batches = bool(settings.digest_routes)
         self._notify_on = "".join(encode_status(status) for status in settings.notify_on)
         self._clock = clock
         self._scripts = {
             name: load_script(client, name, common=True)
-            for name in ("begin", "apply", "finish", "prune")
+            for name in ("begin", "apply", "finish", "prune", "digest", "prune_batches")
         }
+        self._digest_routes = settings.digest_routes
 
     async def begin(self, token: str, notify_existing: bool) -> Epoch:
         """The epoch for a new cycle, created with the routes' groups if missing."""
@@ -168,7 +184,13 @@ class Store:
 
     async def apply(self, requests: Sequence[LipsyncRequest], epoch: Epoch, token: str) -> Applied:
         """Diff one page against the stored state and queue its events, in one atomic call."""
-        keys = [self.keys.epoch, self.keys.lease, self.keys.outbox]
+        keys = [
+            self.keys.epoch,
+            self.keys.lease,
+            self.keys.outbox,
+            self.keys.batches,
+            self.keys.open_batches,
+        ]
         args: list[Any] = [
             token,
             epoch.id,
@@ -178,16 +200,25 @@ class Store:
             *self.routes,
         ]
         packed: list[str] = []
-        bucket_index: dict[str, int] = {}
+        key_index: dict[str, int] = {}  # KEYS position (from 1) of each bucket and batch
+
+        def index_of(*names: str) -> int:
+            if (index := key_index.get(names[0])) is None:
+                index = key_index[names[0]] = len(keys) + 1
+                keys.extend(names)
+            return index
+
         for request in requests:
-            bucket = self.keys.state_of(request.id)
-            index = bucket_index.setdefault(bucket, len(keys) + 1)
-            if index == len(keys) + 1:
-                keys.append(bucket)
+            index = index_of(self.keys.state_of(request.id))
+            ref = request.reference_id if self._batches else None
+            batch = 0
+            if ref is not None:
+                batch = index_of(self.keys.batch(ref), self.keys.batch_results(ref))
             code = encode_status(request.status)
             packed.append(
-                f"{index} {request.created_ms} {_finished_s(request)} "
-                f"{len(request.id.encode())} {len(code.encode())} {request.id}{code}"
+                f"{index} {batch} {request.created_ms} {_finished_s(request)} "
+                f"{len(request.id.encode())} {len(code.encode())} "
+                f"{len(ref.encode()) if ref else 0} {request.id}{code}{ref or ''}"
             )
         args.append("".join(packed))
         # Snapshots go only with the requests the script asks for: most queue no event.
@@ -228,6 +259,47 @@ class Store:
         keys = [self.keys.epoch, self.keys.lease, *map(self.keys.state, buckets)]
         cutoff = math.floor(self._clock() - retention_s)
         return await self._run("prune", keys, [token, epoch.id, cutoff])
+
+    async def settle_batches(self, epoch: Epoch, token: str) -> Settled:
+        """Queue the digest of every batch that settled for a digest route; close the
+        batches that owe none."""
+        routes = self._digest_routes
+        now = round(self._clock() * 1000)
+        # A batch changed within the shortest digest_wait cannot settle for any route.
+        quiet_since = now - min(round(route.digest_wait * 1000) for route in routes)
+        refs = await self.redis.zrangebyscore(self.keys.open_batches, "-inf", quiet_since)
+        settled = Settled()
+        route_args: list[Any] = []
+        for route in routes:
+            route_args += [
+                route.name,
+                round(route.digest_wait * 1000),
+                round(route.digest_interval * 1000),
+            ]
+        for start in range(0, len(refs), SETTLE_BATCHES_PER_CALL):
+            keys = [self.keys.epoch, self.keys.lease, self.keys.outbox, self.keys.open_batches]
+            args = [token, epoch.id, now, len(routes), *route_args]
+            for ref in refs[start : start + SETTLE_BATCHES_PER_CALL]:
+                keys += [self.keys.batch(ref), self.keys.batch_results(ref)]
+                args += [ref, "".join("1" if route.digests(ref) else "0" for route in routes)]
+            queued, closed = await self._run("digest", keys, args)
+            settled.digests += queued
+            settled.closed += closed
+        settled.open = await self.redis.zcard(self.keys.open_batches)
+        return settled
+
+    async def prune_batches(self, epoch: Epoch, token: str, retention_s: float) -> int:
+        """Forget batches in which nothing changed for `retention_s`, a few per call."""
+        cutoff = round((self._clock() - retention_s) * 1000)
+        refs = await self.redis.zrangebyscore(
+            self.keys.batches, "-inf", cutoff, start=0, num=PRUNE_BATCHES_PER_CALL
+        )
+        if not refs:
+            return 0
+        keys = [self.keys.epoch, self.keys.lease, self.keys.batches, self.keys.open_batches]
+        for ref in refs:
+            keys += [self.keys.batch(ref), self.keys.batch_results(ref)]
+        return await self._run("prune_batches", keys, [token, epoch.id, cutoff, *refs])
 
     async def stored(self, request_id: str) -> StoredState | None:
         """The state kept for one request, or None if it has none."""

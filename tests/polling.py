@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio
@@ -15,6 +16,7 @@ import redis.asyncio
 from notifier import tasks
 from notifier.api import ApiClient
 from notifier.config import Settings, load_settings
+from notifier.digest import Digest, OutboxItem, read_entry
 from notifier.metrics import Metrics
 from notifier.models import Event
 from notifier.poller import Poller
@@ -45,11 +47,13 @@ async def poller_of(
     *,
     hold: bool = True,
     metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Poller]:
-    """A poller with its own API session; holding the lease unless told otherwise, and
-    renewing it as `notifier run` does (a test's cycles may outlast a short test TTL)."""
+    """A poller with its own API session (and `clock` for detection and settling times);
+    holding the lease unless told otherwise, and renewing it as `notifier run` does (a
+    test's cycles may outlast a short test TTL)."""
     async with ApiClient(settings, metrics) as api:
-        poller = Poller(settings, client, api, rng=random.Random(7))
+        poller = Poller(settings, client, api, clock=clock, rng=random.Random(7))
         if not hold:
             yield poller
             return
@@ -71,8 +75,18 @@ async def running(poller: Poller) -> AsyncIterator[asyncio.Task[None]]:
 
 
 async def outbox(poller: Poller) -> list[Event]:
+    """The per-request events in the outbox (batch digests aside)."""
+    return [item for item in await _entries(poller) if isinstance(item, Event)]
+
+
+async def digests(poller: Poller) -> list[Digest]:
+    """The batch digests in the outbox, oldest first."""
+    return [item for item in await _entries(poller) if isinstance(item, Digest)]
+
+
+async def _entries(poller: Poller) -> list[OutboxItem]:
     entries = await poller.store.redis.xrange(poller.store.keys.outbox)
-    return [Event.from_fields(fields) for _, fields in entries]
+    return [read_entry(fields) for _, fields in entries]
 
 
 def transitions(events: list[Event]) -> Counter[tuple[str, str, str | None]]:

@@ -426,6 +426,10 @@ def test_route_statuses_must_be_a_subset_of_notify_on(toml) -> None:
         ('template = "/etc/passwd"', "relative path inside the template directories"),
         ("max_concurrency = 0", "max_concurrency = 0"),
         ('reference_id = ""', "reference_id"),
+        ('digest = "batch"', "input should be 'reference_id'"),
+        ('digest = "reference_id"\ndigest_wait = -1', "digest_wait = -1"),
+        ('digest = "reference_id"\ndigest_statuses = ["done"]', "unknown status 'done'"),
+        ('digest = "reference_id"\ndigest_template = "../x.j2"', "relative path inside"),
     ],
 )
 def test_invalid_route_fields_are_rejected_naming_the_route(
@@ -508,3 +512,67 @@ def test_decode_webhook_secrets_rejects_empty_lists() -> None:
         decode_webhook_secrets("   ")
     with pytest.raises(ValueError, match="at least one non-empty"):
         decode_webhook_secrets("whsec_")
+
+
+def test_a_digest_route_is_read_with_its_options(toml) -> None:
+    toml(
+        '[[routes]]\nname = "batches"\ntype = "webhook"\nurl = "http://h.test"\n'
+        'digest = "reference_id"\ndigest_wait = 12.5\ndigest_interval = 60\n'
+        'digest_statuses = ["failed"]\ndigest_template = "mine/batch.json.j2"\n'
+    )
+    settings = load_settings({"slack_webhook_url": SLACK_URL})
+    route, slack = settings.routes
+    assert (route.digest, route.digest_wait, route.digest_interval) == ("reference_id", 12.5, 60)
+    assert route.digest_statuses == ["failed"]
+    assert route.digest_template == "mine/batch.json.j2"
+    assert settings.digest_routes == [route]
+    assert (slack.digest, slack.digest_wait, slack.digest_interval) == (None, 30, 300)
+    assert slack.digest_statuses == []
+
+
+@pytest.mark.parametrize("option", ["digest_wait = 5", 'digest_statuses = ["failed"]'])
+def test_digest_options_without_digest_are_rejected(toml, option: str) -> None:
+    toml(f'[[routes]]\nname = "ops"\ntype = "webhook"\nurl = "http://h.test"\n{option}\n')
+    message = config_error()
+    assert "[[routes]] #1 ('ops')" in message
+    assert f"{option.split(' ', maxsplit=1)[0]} only applies to a digest route" in message
+    assert 'add digest = "reference_id"' in message
+
+
+def test_digest_statuses_must_be_statuses_the_route_receives(toml) -> None:
+    toml(
+        '[[routes]]\nname = "ops"\ntype = "webhook"\nurl = "http://h.test"\n'
+        'statuses = ["completed"]\ndigest = "reference_id"\ndigest_statuses = ["failed"]\n'
+    )
+    assert "route 'ops': digest_statuses 'failed' are not among the statuses the route " in (
+        config_error()
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "reference_id", "with_glob", "without_glob"),
+    [
+        ("completed", "order-1", False, False),  # in a batch: only in its digest
+        ("failed", "order-1", True, True),  # in digest_statuses: at once too
+        ("completed", None, False, True),  # no batch: one by one, if the glob allows
+        ("completed", "misc-1", False, False),
+        ("failed", "misc-1", False, True),
+    ],
+)
+def test_a_digest_route_sends_alone_only_requests_outside_batches_or_in_digest_statuses(
+    status: str, reference_id: str | None, with_glob: bool, without_glob: bool
+) -> None:
+    route = Route(
+        name="r",
+        type="webhook",
+        url="http://127.0.0.1:9/",
+        digest="reference_id",
+        digest_statuses=["failed"],
+        reference_id="order-*",
+    )
+    assert route.accepts(status, reference_id) is with_glob
+    assert route.model_copy(update={"reference_id": None}).accepts(status, reference_id) is (
+        without_glob
+    )
+    assert route.digests("order-1")
+    assert not route.digests("misc-1")

@@ -18,6 +18,8 @@ SAMPLE_ARGUMENTS = {
     "consumer": "host-1:42",
     "url": SLACK_URL,
     "route": "ops-webhook",
+    # Braces in a reference_id must not move the key out of the prefix's slot.
+    "reference_id": "order-{12345}:japanese dub",
 }
 
 

@@ -40,6 +40,7 @@ SLACK_PATH = f"/services/T0TEAM/B0HOOK/{MARKER}-slack-token"
 CYCLES = "notifier_poll_cycles_total"
 TRANSITIONS = "notifier_transitions_total"
 EVENTS = "notifier_events_queued_total"
+DIGESTS = "notifier_digests_queued_total"
 
 
 @pytest.fixture(autouse=True)
@@ -377,6 +378,31 @@ async def test_a_baseline_counts_no_transitions_and_a_later_completion_counts_on
         assert await redis_client.xlen(poller.store.keys.outbox) == 1
     assert labelled(metrics, TRANSITIONS) == {(("status", "completed"),): 1}
     assert value(metrics, "notifier_requests_recorded_silently_total") == 0
+
+
+async def test_a_settled_batch_counts_one_queued_digest(
+    redis_client: redis.asyncio.Redis, simulator: Simulator, api_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "digest.toml"
+    config.write_text(
+        '[[routes]]\nname = "batches"\ntype = "webhook"\nurl = "http://127.0.0.1:9/b"\n'
+        'digest = "reference_id"\ndigest_wait = 0\n'
+    )
+    requests = simulator.create(3, reference_id="batch-1")
+    for request_ in requests:
+        simulator.start(request_.id)
+    settings = make_settings(api_url, config=str(config))
+    async with poller_of(settings, redis_client, hold=False) as poller, running(poller):
+        metrics = poller.metrics
+        await eventually(lambda: completed_cycles(metrics) >= 1)
+        assert value(metrics, DIGESTS) == 0
+        for request_ in requests:
+            simulator.complete(request_.id)
+        await eventually(lambda: value(metrics, DIGESTS) == 1)
+        cycles = completed_cycles(metrics)
+        await eventually(lambda: completed_cycles(metrics) >= cycles + 2)
+    assert value(metrics, DIGESTS) == 1
+    assert value(metrics, EVENTS) == 3
 
 
 async def test_failed_cycles_are_counted_as_failed_and_not_timed(

@@ -12,12 +12,19 @@
 -- of the requests that entered each status; or, writing nothing, 'SNAPSHOTS' and the
 -- positions in the page of the requests whose event needs the snapshot left empty.
 --
--- KEYS: 1 epoch, 2 lease, 3 outbox, 4.. state buckets
+-- With digest routes, a request with a reference_id is also a member of its batch: the
+-- batch counts its unfinished members, when a member last changed, its first created_at,
+-- and keeps each notified entry into a finished status as a result for the digests
+-- (see digest.lua).
+--
+-- KEYS: 1 epoch, 2 lease, 3 outbox, 4 batches, 5 open batches, 6.. state buckets and
+--       batch / batch-results pairs
 -- ARGV: 1 lease token, 2 epoch id, 3 notify_on codes, 4 detection unix ms, 5 route count n,
 --       6..5+n route names, 6+n the page's requests packed in one string (one argument
 --       per field cost the caller more than the rest of the call), then position / snapshot
---       pairs. Each request is "<bucket index in KEYS> <created_at unix ms> <finished unix
---       s or nothing> <bytes of id> <bytes of status code> " followed by the id and the code.
+--       pairs. Each request is "<bucket index in KEYS> <batch index in KEYS or 0>
+--       <created_at unix ms> <finished unix s or nothing> <bytes of id> <bytes of status
+--       code> <bytes of reference_id> " followed by the id, the code and the reference_id.
 local epoch, refused = guard(KEYS[2], ARGV[1], KEYS[1], ARGV[2],
   'phase', 'newest', 'horizon', 'existing')
 if refused then return refused end
@@ -39,12 +46,38 @@ local newest, horizon = tonumber(epoch[3]), tonumber(epoch[4])
 local packed, requests, snapshots = ARGV[6 + routes], {}, {}
 local at = 1
 while at <= #packed do
-  local _, stop, index, created, finished, id_bytes, code_bytes =
-    string.find(packed, '^(%d+) (%d+) (%d*) (%d+) (%d+) ', at)
+  local _, stop, index, batch, created, finished, id_bytes, code_bytes, ref_bytes =
+    string.find(packed, '^(%d+) (%d+) (%d+) (%d*) (%d+) (%d+) (%d+) ', at)
   local id_end = stop + tonumber(id_bytes)
-  at = id_end + tonumber(code_bytes) + 1
+  local code_end = id_end + tonumber(code_bytes)
+  at = code_end + tonumber(ref_bytes) + 1
   requests[#requests + 1] = {KEYS[tonumber(index)], string.sub(packed, stop + 1, id_end),
-    string.sub(packed, id_end + 1, at - 1), tonumber(created), finished}
+    string.sub(packed, id_end + 1, code_end), tonumber(created), finished,
+    tonumber(batch), string.sub(packed, code_end + 1, at - 1)}
+end
+
+-- Record a changed request in its batch; `result` is its snapshot when it entered a
+-- finished status that is notified.
+local FINISHED = {c = true, f = true}
+local function track(r, previous, stored, result)
+  local batch, results, ref = KEYS[r[6]], KEYS[r[6] + 1], r[7]
+  local was_unfinished = (stored and not FINISHED[previous]) and 1 or 0
+  local is_unfinished = FINISHED[r[3]] and 0 or 1
+  if is_unfinished ~= was_unfinished then
+    -- Below 0 only when the batch was forgotten while this member was unfinished.
+    if redis.call('HINCRBY', batch, 'unfinished', is_unfinished - was_unfinished) < 0 then
+      redis.call('HSET', batch, 'unfinished', 0)
+    end
+  end
+  local first = tonumber(redis.call('HGET', batch, 'created'))
+  if first == nil or r[4] < first then redis.call('HSET', batch, 'created', r[4]) end
+  redis.call('HSET', batch, 'changed', detected)
+  if result then
+    local seq = redis.call('HINCRBY', batch, 'seq', 1)
+    redis.call('HSET', results, r[2], seq .. ' ' .. #previous .. ' ' .. previous .. result)
+  end
+  redis.call('ZADD', KEYS[4], detected, ref)
+  redis.call('ZADD', KEYS[5], detected, ref)
 end
 for i = 7 + routes, #ARGV, 2 do snapshots[tonumber(ARGV[i])] = ARGV[i + 1] end
 
@@ -93,6 +126,7 @@ for _, d in ipairs(decided) do
     redis.call('XADD', KEYS[3], '*', 'r', snapshots[d[7]], 'p', previous, 't', detected)
     events = events + 1
   end
+  if r[6] > 0 then track(r, previous, stored, emit and FINISHED[code] and snapshots[d[7]]) end
   if quiet then silenced = silenced + 1 end
   redis.call('HSET', r[1], r[2], accounted .. '|' .. r[5] .. '|' .. code)
   changed = changed + 1
