@@ -1,6 +1,7 @@
 """`notifier check` and `notifier send-test`: try a configuration before trusting it.
 
-`check` renders every route's template for each of its statuses, pings Redis and calls
+`check` renders every route's template for each of its statuses (and a large sample
+digest on a digest route), pings Redis and calls
 the API once; `send-test` delivers a sample to real receivers. Neither prints a secret:
 routes are named, never shown by URL.
 """
@@ -16,14 +17,17 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 
 from notifier.api import ApiClient, ApiError, AuthError
 from notifier.config import Route, Settings, env_name
+from notifier.digest import OutboxItem
 from notifier.models import Delivered, Permanent, Retry, SendResult
-from notifier.render import Renderer, RenderError, sample_event
+from notifier.render import Renderer, RenderError, sample_digest, sample_event
 from notifier.sinks import Sink
 from notifier.store import connect_redis
 
 # Exit codes of `check`: every check passed; a service could not be reached (try again
 # later); the configuration itself is wrong (a template, a route, the API key).
 CHECK_PASSED, CHECK_UNREACHABLE, CHECK_MISCONFIGURED = 0, 1, 2
+# The sample digest `check` renders for a digest route.
+CHECK_DIGEST_SIZE, CHECK_DIGEST_FAILED = 1000, 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +64,18 @@ def check_routes(settings: Settings) -> list[Finding]:
     renderer = Renderer(settings)
     findings = []
     for route in settings.routes:
-        for status in route.statuses or settings.notify_on:
-            name = renderer.template_for(route, status)
-            subject, detail = f"route {route.name}", f"{name} ({status})"
+        samples: list[tuple[str, OutboxItem]] = [
+            (status, sample_event(status)) for status in route.statuses or settings.notify_on
+        ]
+        if route.digest is not None:
+            # As large as batches get: a template must stay within Slack's limits for it.
+            digest = sample_digest(route, CHECK_DIGEST_SIZE, failed=CHECK_DIGEST_FAILED)
+            samples.append((f"digest of {CHECK_DIGEST_SIZE}", digest))
+        for label, sample in samples:
+            name = renderer.template_for(route, sample.status)
+            subject, detail = f"route {route.name}", f"{name} ({label})"
             try:
-                message = renderer.render(route, sample_event(status))
+                message = renderer.render(route, sample)
             except RenderError as exc:
                 findings.append(Finding(subject, detail, False, str(exc), misconfigured=True))
             else:
@@ -139,7 +150,8 @@ class SendTest:
 
 
 async def send_tests(settings: Settings, routes: Sequence[Route], status: str) -> list[SendTest]:
-    """Deliver one sample notification to each route at once; one route never stops another."""
+    """Deliver one sample notification to each route at once (`status` "digest": a sample
+    batch digest); one route never stops another."""
     renderer = Renderer(settings)
     async with aiohttp.ClientSession() as session:
         return list(
@@ -157,7 +169,12 @@ async def _send_one(
     status: str,
 ) -> SendTest:
     try:
-        message = renderer.render(route, sample_event(status, unique=True))
+        sample = (
+            sample_digest(route, unique=True)
+            if status == "digest"
+            else sample_event(status, unique=True)
+        )
+        message = renderer.render(route, sample)
     except RenderError as exc:
         return SendTest(route, delivered=False, outcome=f"not sent: {exc}")
     result = await Sink(route, session, settings.delivery_timeout).send(message)

@@ -67,6 +67,16 @@ def _configured_routes(settings: Settings, name: str | None) -> list[Route]:
     return chosen
 
 
+def _digest_routes(routes: list[Route], name: str | None) -> list[Route]:
+    chosen = [route for route in routes if route.digest is not None]
+    if not chosen:
+        which = f"route {name!r} is not a digest route" if name else "no route is a digest route"
+        raise ConfigError(
+            f'send-test --digest: {which}; set digest = "reference_id" on a [[routes]] table.'
+        )
+    return chosen
+
+
 def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier.api import AuthError  # noqa: PLC0415 - commands import what they need
     from notifier.service import run_service  # noqa: PLC0415
@@ -116,7 +126,10 @@ def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 
     settings = _load(flags)
     routes = _configured_routes(settings, args.route)
-    sent = asyncio.run(check.send_tests(settings, routes, args.status))
+    if args.digest:
+        routes = _digest_routes(routes, args.route)
+    sample = "digest" if args.digest else args.status
+    sent = asyncio.run(check.send_tests(settings, routes, sample))
     print("\n".join(test.line() for test in sent))
     return 0 if all(test.delivered for test in sent) else EXIT_FAILED
 
@@ -251,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send = add(commands, "send-test", _send_test, "deliver a sample notification now")
     send.add_argument("--route", metavar="NAME", help="only this route (default: every route)")
-    send.add_argument("--status", choices=SAMPLE_STATUSES, default="completed")
+    sample = send.add_mutually_exclusive_group()
+    sample.add_argument("--status", choices=SAMPLE_STATUSES, default="completed")
+    sample.add_argument(
+        "--digest", action="store_true", help="a sample batch digest, to every digest route"
+    )
     dlq = add(commands, "dlq", None, "list and replay dead letters")
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
     add(actions, "list", _dlq_list, "print one JSON object per dead letter")

@@ -15,12 +15,14 @@ from typing import Any
 
 import redis.asyncio
 
+from notifier.digest import OutboxItem, read_entry
 from notifier.keys import Keys
 from notifier.models import Event, MalformedEvent, format_timestamp
 from notifier.queue import Fields, Work, retry_payload
 from notifier.store import load_script
 
-# Field names of a dead letter besides the outbox entry's own (r, p, t).
+# Field names of a dead letter besides the outbox entry's own (r, p, t; a digest's d, b,
+# m, c, t).
 FIELD_ROUTE = "route"
 FIELD_ENTRY = "entry"
 FIELD_ATTEMPTS = "attempts"
@@ -73,19 +75,21 @@ class DeadLetter:
     def as_json(self) -> dict[str, Any]:
         """The `dlq list` line: id, route, request id, status, attempts, last error, time."""
         try:
-            event: Event | None = Event.from_fields(self.fields)
+            event: OutboxItem | None = read_entry(self.fields)
         except MalformedEvent:
             event = None
+        request = event.request if isinstance(event, Event) else None
         return {
             "id": self.id,
             "route": self.route,
-            "request_id": event.request.id if event else None,
+            "request_id": request.id if request else None,
             "status": event.status if event else None,
             "attempts": self.attempts,
             "error": self.error,
             "time": format_timestamp(self.time),
             "event_id": event.id if event else None,
-            "reference_id": event.request.reference_id if event else None,
+            "reference_id": event.reference_id if event else None,
+            "type": event.type if event else None,
         }
 
 

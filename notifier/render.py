@@ -29,6 +29,7 @@ from jinja2 import (
 from jinja2.sandbox import SandboxedEnvironment
 
 from notifier.config import Route, Settings
+from notifier.digest import Digest, Member, OutboxItem
 from notifier.models import Event, LipsyncRequest
 
 ELLIPSIS = "…"
@@ -72,12 +73,59 @@ def mrkdwn(value: object, limit: int | None = None) -> str:
     text = "" if value is None else str(value)
     # "&" first, so that the entities made for "<" and ">" are not escaped again.
     escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    if limit is None or len(escaped) <= limit:
+    return escaped if limit is None else _clip_escaped(escaped, limit)
+
+
+def _clip_escaped(escaped: str, limit: int) -> str:
+    """Escaped mrkdwn clipped to `limit` characters without splitting an entity."""
+    if len(escaped) <= limit:
         return escaped
     cut = escaped[: max(0, limit - len(ELLIPSIS))]
     if (amp := cut.rfind("&")) != -1 and ";" not in cut[amp:]:
         cut = cut[:amp]
     return cut + ELLIPSIS
+
+
+def sections(
+    lines: list[str],
+    limit: int = SLACK_SECTION_CHARS,
+    most: int = 5,
+    more: str = "…and {n} more",
+    total: int | None = None,
+) -> list[str]:
+    """Escaped mrkdwn lines packed into at most `most` texts of at most `limit` characters;
+    when they do not all fit, the last text ends with `more` (`{n}`: the lines left out,
+    of `total` when the lines are the first of more)."""
+    groups: list[list[str]] = []
+    for line in (_clip_escaped(line, limit) for line in lines):
+        if groups and len("\n".join([*groups[-1], line])) <= limit:
+            groups[-1].append(line)
+        elif len(groups) < most:
+            groups.append([line])
+        else:
+            break
+    left = (len(lines) if total is None else total) - sum(map(len, groups))
+    if left and groups:
+        last = groups[-1]
+        while last and len("\n".join([*last, more.format(n=left)])) > limit:
+            last.pop()
+            left += 1
+        last.append(more.format(n=left))
+    return ["\n".join(group) for group in groups]
+
+
+def slack_link(url: object, label: object) -> str:
+    """A mrkdwn link `<url|label>`, or the escaped label alone when the URL is not a plain
+    http(s) URL that a link can carry."""
+    text = mrkdwn(label, 200)
+    if (
+        not isinstance(url, str)
+        or not url.startswith(("https://", "http://"))
+        or any(char in url for char in "<>| \n")
+        or len(url) > SLACK_BUTTON_URL_CHARS
+    ):
+        return text
+    return f"<{url.replace('&', '&amp;')}|{text}>"
 
 
 def clip(value: object, limit: int) -> str:
@@ -94,8 +142,12 @@ def readable_time(value: str | None) -> str:
 
 def duration(request: dict[str, Any]) -> str:
     """How long processing took, `started_at` to `finished_at`, as `1h 2m 5s`; `-` if unknown."""
-    started = _parse_time(request.get("started_at"))
-    finished = _parse_time(request.get("finished_at"))
+    return elapsed(request.get("started_at"), request.get("finished_at"))
+
+
+def elapsed(start: object, end: object) -> str:
+    """The time from one API timestamp to another as `1h 2m 5s`; `-` if either is unknown."""
+    started, finished = _parse_time(start), _parse_time(end)
     if started is None or finished is None or finished < started:
         return "-"
     seconds = round((finished - started).total_seconds())
@@ -116,11 +168,14 @@ def _parse_time(value: object) -> datetime | None:
 
 
 def template_name(route: Route, status: str, exists: Callable[[str], bool]) -> str:
-    """The template a route renders for `status`.
+    """The template a route renders for `status` (`settled`: a batch digest).
 
     A route's own `template` may contain `{status}`. The bundled Slack templates are
-    `slack/<status>.json.j2`, with `slack/default.json.j2` for statuses without one.
+    `slack/<status>.json.j2`, with `slack/default.json.j2` for statuses without one. A
+    digest renders the route's `digest_template`, else the bundled `<type>/digest.json.j2`.
     """
+    if status == Digest.status:
+        return route.digest_template or f"{route.type}/digest.json.j2"
     if route.template is not None:
         return route.template.replace("{status}", status)
     if route.type == "webhook":
@@ -142,13 +197,21 @@ class Renderer:
             keep_trailing_newline=False,
         )
         self._env.filters.update(
-            tojson=tojson, mrkdwn=mrkdwn, clip=clip, readable_time=readable_time, duration=duration
+            tojson=tojson,
+            mrkdwn=mrkdwn,
+            clip=clip,
+            readable_time=readable_time,
+            duration=duration,
+            elapsed=elapsed,
+            sections=sections,
+            slack_link=slack_link,
         )
         self._compiled: dict[str, Template] = {}
         self._names: dict[tuple[str, str], str] = {}
 
-    def render(self, route: Route, event: Event) -> Message:
-        """The body of `event` for `route`; `RenderError` naming the route, file and line."""
+    def render(self, route: Route, event: OutboxItem) -> Message:
+        """The body of an event or digest for `route`; `RenderError` naming the route, file
+        and line."""
         name = self.template_for(route, event.status)
         template = self._template(route, name)
         where = f"route {route.name!r}, template {name}"
@@ -285,3 +348,32 @@ def sample_event(status: str, *, now: datetime | None = None, unique: bool = Fal
     )
     previous = {"queued": None, "processing": "queued"}.get(status, "processing")
     return Event(request, previous_status=previous, detected_ms=int(now.timestamp() * 1000))
+
+
+def sample_digest(
+    route: Route,
+    size: int = 12,
+    *,
+    failed: int = 2,
+    now: datetime | None = None,
+    unique: bool = False,
+) -> Digest:
+    """A realistic digest of a batch of `size` for `route`, `failed` of them failed, for
+    `check`, `send-test --digest` and the demo (`unique`: new request ids each time)."""
+    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    members = []
+    for index in range(size):
+        status = "failed" if index < failed else "completed"
+        event = sample_event(status, now=now - timedelta(seconds=size - index), unique=unique)
+        request_id = event.request.id if unique else str(uuid.UUID(int=index + 1, version=4))
+        request = event.request.model_copy(update={"id": request_id})
+        members.append(Member(request, event.previous_status))
+    members.sort(key=lambda member: member.request.id)
+    created = now - timedelta(minutes=3, seconds=size)
+    return Digest(
+        route=route.name,
+        reference_id="notifier-sample",
+        members=tuple(members),
+        created_ms=int(created.timestamp() * 1000),
+        detected_ms=int(now.timestamp() * 1000),
+    )

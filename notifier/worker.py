@@ -19,10 +19,11 @@ from redis.exceptions import RedisError
 
 from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Route
+from notifier.digest import Digest, OutboxItem, read_entry
 from notifier.dlq import dead_letter_fields
 from notifier.logs import about
 from notifier.metrics import Metrics
-from notifier.models import Event, MalformedEvent, Retry
+from notifier.models import MalformedEvent, Retry
 from notifier.pacing import SlackSlot
 from notifier.queue import RouteQueue, Settlement, Work
 from notifier.render import Renderer, RenderError
@@ -80,7 +81,7 @@ class Attempted:
     """A delivery attempted (or found not to be for its route), waiting to be settled."""
 
     work: Work
-    event: Event | None  # None: the outbox entry was not an event
+    event: OutboxItem | None  # None: the outbox entry was neither an event nor a digest
     decision: Decision
     attempt: int
     skipped: bool = False
@@ -274,11 +275,23 @@ class RouteWorker:
         return taken
 
     async def _start_all(self, taken: list[Work]) -> None:
+        """Start a send for each delivery this route takes; settle the others at once,
+        before any Slack slot is taken for them."""
         for work in taken:
+            attempt = work.attempts + 1
+            try:
+                item = read_entry(work.fields)
+            except MalformedEvent as exc:
+                self._record(Attempted(work, None, GiveUp(str(exc)), attempt))
+                continue
+            if not self._takes(item):
+                skip = Done("not for this route")
+                self._record(Attempted(work, item, skip, attempt, skipped=True))
+                continue
             if self._slot is not None and not await self._take_slot(self._slot, work):
                 continue
             self._sending += 1
-            self._tasks.add(task := asyncio.create_task(self._deliver(work)))
+            self._tasks.add(task := asyncio.create_task(self._deliver(work, item)))
             task.add_done_callback(self._tasks.discard)
 
     async def _take_slot(self, slot: SlackSlot, work: Work) -> bool:
@@ -290,40 +303,45 @@ class RouteWorker:
             await asyncio.sleep(wait)
         return True
 
-    async def _deliver(self, work: Work) -> None:
+    async def _deliver(self, work: Work, item: OutboxItem) -> None:
         """Attempt one delivery and hand its outcome to the settler; never raises."""
         attempt = work.attempts + 1
         try:
-            outcome = await self._attempt(work, attempt)
+            outcome = await self._attempt(work, item, attempt)
         except asyncio.CancelledError:
             # Shutting down: the receiver may or may not have it; send it again (same id).
             reason = "handed back at shutdown"
-            outcome = Attempted(work, None, Later(0.0, reason), work.attempts, handed_back=True)
+            outcome = Attempted(work, item, Later(0.0, reason), work.attempts, handed_back=True)
         except Exception as exc:  # a bug must not keep the slot: try the delivery again later
             log.exception("route %s: delivery of entry %s failed", self.route.name, work.entry_id)
-            outcome = Attempted(work, None, Later(0.0, f"internal error: {exc!r}"), attempt)
-        self._attempted.append(outcome)
+            outcome = Attempted(work, item, Later(0.0, f"internal error: {exc!r}"), attempt)
         self._sending -= 1
+        self._record(outcome)
+
+    def _record(self, outcome: Attempted) -> None:
+        """Hand an outcome to the settler (or to the reader's next round trip)."""
+        self._attempted.append(outcome)
         self._unsettled += 1
         self._freed.set()
         self._to_settle.set()
 
-    async def _attempt(self, work: Work, attempt: int) -> Attempted:
+    async def _attempt(self, work: Work, item: OutboxItem, attempt: int) -> Attempted:
         try:
-            event = Event.from_fields(work.fields)
-        except MalformedEvent as exc:
-            return Attempted(work, None, GiveUp(str(exc)), attempt)
-        if not self.route.accepts(event.status, event.request.reference_id):
-            return Attempted(work, event, Done("not for this route"), attempt, skipped=True)
-        try:
-            message = self._renderer.render(self.route, event)
+            message = self._renderer.render(self.route, item)
         except RenderError as exc:
-            return Attempted(work, event, GiveUp(f"could not render: {exc}"), attempt)
+            return Attempted(work, item, GiveUp(f"could not render: {exc}"), attempt)
         result = await self._sink.send(message)
         if self._slot is not None and isinstance(result, Retry) and result.after:
             with contextlib.suppress(RedisError, OSError):
                 await self._slot.defer(min(result.after, MAX_RETRY_AFTER_S))
-        return Attempted(work, event, self._policy.decide(attempt, result), attempt)
+        return Attempted(work, item, self._policy.decide(attempt, result), attempt)
+
+    def _takes(self, item: OutboxItem) -> bool:
+        """Whether this route sends `item`: a digest made for it, or an event it accepts
+        (on a digest route, batch members only in `digest_statuses`)."""
+        if isinstance(item, Digest):
+            return item.route == self.route.name
+        return self.route.accepts(item.status, item.request.reference_id)
 
     async def _settle_forever(self, stop: asyncio.Event) -> None:
         """Record outcomes the reader has not taken along with its next read (it is
@@ -409,24 +427,11 @@ def _log_outcome(route: Route, item: Attempted) -> None:
     if not log.isEnabledFor(level):
         return
     event = item.event
-    if event is None and item.handed_back:
-        with contextlib.suppress(MalformedEvent):
-            event = Event.from_fields(item.work.fields)
     if event is None:
         subject, extra = f"outbox entry {item.work.entry_id}", about(entry_id=item.work.entry_id)
     else:
-        request = event.request
-        subject = (
-            f"event {event.id} (request {request.id}, reference_id "
-            f"{request.reference_id or '-'}, {event.status})"
-        )
-        extra = about(
-            event_id=event.id,
-            request_id=request.id,
-            reference_id=request.reference_id,
-            status=event.status,
-            entry_id=item.work.entry_id,
-        )
+        subject, fields = event.log_fields()
+        extra = about(**fields, entry_id=item.work.entry_id)
     extra |= about(route=route.name, attempt=item.attempt)
     match item.decision:
         case Later(reason=reason) if item.handed_back:

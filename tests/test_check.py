@@ -512,3 +512,115 @@ async def test_an_api_that_answers_badly_is_unreachable_not_misconfigured(
     assert not finding.passed
     assert not finding.misconfigured  # trying again later can help: exit 1, not 2
     assert SIMULATOR_KEY not in finding.result
+
+
+# --- batch digests: check and send-test --digest -----------------------------------------
+
+DIGEST_PATH = "/batches"
+SLACK_DIGEST_PATH = SLACK_PATH + "-digests"
+
+
+def digest_config(tmp_path: Path, receiver: Receiver, slack_extra: str = "") -> Path:
+    """Two digest routes at the receiver: `batch-hook` (signed webhook) and `batch-channel`."""
+    path = tmp_path / "digests.toml"
+    path.write_text(
+        "[[routes]]\n"
+        'name = "batch-hook"\n'
+        'type = "webhook"\n'
+        f'url = "{receiver.base}{DIGEST_PATH}"\n'
+        f'secret = "{WEBHOOK_SECRET}"\n'
+        'digest = "reference_id"\n'
+        "[[routes]]\n"
+        'name = "batch-channel"\n'
+        'type = "slack"\n'
+        f'url = "{receiver.base}{SLACK_DIGEST_PATH}"\n'
+        'digest = "reference_id"\n'
+        f"{slack_extra}"
+    )
+    return path
+
+
+async def test_check_renders_a_large_sample_digest_for_every_digest_route(
+    good_env: dict[str, str], receiver: Receiver, tmp_path: Path
+) -> None:
+    env = {**good_env, "NOTIFIER_CONFIG": str(digest_config(tmp_path, receiver))}
+    result = await notifier("check", env=env)
+
+    assert result.returncode == CHECK_PASSED, result.stdout + result.stderr
+    for route, template in [
+        ("batch-hook", "webhook/digest.json.j2 (digest of 1000)"),
+        ("batch-channel", "slack/digest.json.j2 (digest of 1000)"),
+    ]:
+        assert "ok: renders" in row(result.stdout, f"route {route}", template)
+    assert "digest" not in row(result.stdout, "route slack", "slack/completed")
+    assert receiver.requests == []
+
+
+async def test_check_fails_a_digest_template_that_breaks_slack_limits_at_1000_requests(
+    good_env: dict[str, str], receiver: Receiver, tmp_path: Path
+) -> None:
+    # Every failure in one section: fine for a small batch, over 3,000 characters at 1,000.
+    template = tmp_path / "templates" / "slack" / "one-section.json.j2"
+    template.parent.mkdir(parents=True)
+    template.write_text(
+        '{"text": "batch", "blocks": [{"type": "section", "text": {"type": "mrkdwn", '
+        '"text": {{ requests | map(attribute="id") | join(", ") | tojson }}}}]}',
+        encoding="utf-8",
+    )
+    extra = 'digest_template = "slack/one-section.json.j2"\n'
+    env = {
+        **good_env,
+        "NOTIFIER_CONFIG": str(digest_config(tmp_path, receiver, extra)),
+        "NOTIFIER_TEMPLATES_DIR": str(tmp_path / "templates"),
+    }
+    result = await notifier("check", env=env)
+
+    assert result.returncode == CHECK_MISCONFIGURED, result.stdout + result.stderr
+    line = row(result.stdout, "route batch-channel", "slack/one-section.json.j2 (digest of 1000)")
+    assert "FAIL: " in line
+    assert "section text is" in line
+    assert "Slack's limit is 3000" in line
+
+
+async def test_send_test_digest_delivers_a_sample_digest_to_every_digest_route_only(
+    routes_env: dict[str, str], receiver: Receiver, tmp_path: Path
+) -> None:
+    env = {**routes_env, "NOTIFIER_CONFIG": str(digest_config(tmp_path, receiver))}
+    first = await notifier("send-test", "--digest", env=env)
+    second = await notifier("send-test", "--digest", "--route", "batch-hook", env=env)
+
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.splitlines() == [
+        "route batch-hook (webhook): delivered (HTTP 200)",
+        "route batch-channel (slack): delivered (HTTP 200)",
+    ]
+    assert second.stdout.splitlines() == ["route batch-hook (webhook): delivered (HTTP 200)"]
+    assert receiver.to(SLACK_PATH) == receiver.to(WEBHOOK_PATH) == []
+    hooks = receiver.to(DIGEST_PATH)
+    bodies = [verified_webhook(hook) for hook in hooks]
+    assert [body["type"] for body in bodies] == ["lipsync.batch.settled"] * 2
+    data = bodies[0]["data"]
+    assert isinstance(data, dict)
+    assert data["counts"] == {"completed": 10, "failed": 2}
+    assert hooks[0].headers["webhook-id"] != hooks[1].headers["webhook-id"]
+    [slack] = receiver.to(SLACK_DIGEST_PATH)
+    assert "settled: 10 completed, 2 failed" in json.loads(slack.body)["text"]
+
+
+@pytest.mark.parametrize("route", [None, "webhook"])
+async def test_send_test_digest_without_a_digest_route_exits_2_saying_so(
+    routes_env: dict[str, str], route: str | None
+) -> None:
+    args = ["send-test", "--digest", *(["--route", route] if route else [])]
+    result = await notifier(*args, env=routes_env)
+
+    assert result.returncode == 2
+    expected = "route 'webhook' is not a digest route" if route else "no route is a digest route"
+    assert expected in result.stderr
+    assert 'digest = "reference_id"' in result.stderr
+
+
+async def test_send_test_rejects_digest_and_status_together(routes_env: dict[str, str]) -> None:
+    result = await notifier("send-test", "--digest", "--status", "failed", env=routes_env)
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr

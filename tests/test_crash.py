@@ -16,8 +16,12 @@ reference_id) and its own receiver paths, so the runs can overlap. For one N:
 
 Then every transition reached both routes at least once, every copy of one transition
 carried the same webhook-id (its event id) and the same signed body, no other id came,
-and nothing is left in Redis: no retry, no pending or unread entry, no dead letter.
-N grows until the wrapper runs to the end without reaching its Nth command.
+and nothing is left in Redis: no retry, no pending or unread entry, no dead letter. A
+third route digests the batch (`digest_wait = 0`): the five requests settle in the
+crashing run, and their one digest arrives at least once, every copy with the same id
+and body, whether the crash came before settling, between settling and delivery, or
+during the delivery. N grows until the wrapper runs to the end without reaching its Nth
+command.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from standardwebhooks.webhooks import Webhook
 from notifier import delivery as delivery_module
 from notifier import lease as lease_module
 from notifier.config import Settings, env_name, load_settings
+from notifier.digest import digest_id
 from notifier.keys import Keys
 from notifier.models import event_id
 from notifier.once import EXIT_DONE, EXIT_LEFT, OnceReport, run_once
@@ -57,6 +62,7 @@ MARK = "CRASHPOINT "
 SECRETS = {
     "webhook": "whsec_" + base64.b64encode(b"crash-test-webhook-key").decode(),
     "mirror": "whsec_" + base64.b64encode(b"crash-test-mirror-key").decode(),
+    "batches": "whsec_" + base64.b64encode(b"crash-test-batches-key").decode(),
 }
 PARALLEL = 5  # wrappers at once; each spends most of its time starting Python
 MAX_N = 200  # a bound on the sweep, far above the commands of one run
@@ -146,6 +152,13 @@ def flags_of(rig: Rig, n: int) -> dict[str, str]:
         'type = "webhook"\n'
         f'url = "{rig.receiver.url(f"/mirror-{n}")}"\n'
         f'secret = "{SECRETS["mirror"]}"\n'
+        "[[routes]]\n"
+        'name = "batches"\n'
+        'type = "webhook"\n'
+        f'url = "{rig.receiver.url(f"/batches-{n}")}"\n'
+        f'secret = "{SECRETS["batches"]}"\n'
+        'digest = "reference_id"\n'
+        "digest_wait = 0\n"
     )
     return {
         "config": str(config),
@@ -252,6 +265,7 @@ async def _crash_and_restart(rig: Rig, run: Run) -> None:
     for route, path in (("webhook", f"/hook-{n}"), ("mirror", f"/mirror-{n}")):
         check_route(run, route, receiver.to(path), expected)
     run.duplicates -= 1  # the mirror's first attempt at `early` was answered 500 by plan
+    check_digest(run, receiver.to(f"/batches-{n}"), [simulator.requests[r.id] for r in requests])
     await check_nothing_left(run, Keys(settings.key_prefix), rig.redis_url)
 
 
@@ -277,11 +291,26 @@ def check_route(run: Run, route: str, seen: list[Any], expected: dict[str, Any])
     run.duplicates += sum(count - 1 for count in got.values())
 
 
+def check_digest(run: Run, seen: list[Any], requests: list[Any]) -> None:
+    """The batch's one digest came, every copy with its id and one body; nothing else."""
+    expected = digest_id(requests[0].reference_id, [request.id for request in requests])
+    got = Counter(s.event_id for s in seen)
+    if set(got) != {expected}:
+        run.problems.append(f"route batches: webhook-ids {dict(got)}, expected {expected} once")
+        return
+    if len({s.body for s in seen}) > 1:
+        run.problems.append(f"route batches: {len(seen)} copies of the digest differ in body")
+    data = Webhook(SECRETS["batches"]).verify(seen[0].body, dict(seen[0].headers))["data"]
+    if data["counts"] != {"completed": 4, "failed": 1}:
+        run.problems.append(f"route batches: counts {data['counts']}")
+    run.duplicates += got[expected] - 1
+
+
 async def check_nothing_left(run: Run, keys: Keys, url: str) -> None:
     """No retry, pending or unread delivery and no dead letter is left in the namespace."""
     client = connect_redis(url)
     try:
-        for route in ("webhook", "mirror"):
+        for route in ("webhook", "mirror", "batches"):
             if retries := await client.zcard(keys.retries(route)):
                 run.problems.append(f"route {route}: {retries} retries left")
             if events := await client.hlen(keys.retry_events(route)):
@@ -366,6 +395,7 @@ async def test_a_crash_before_any_redis_command_loses_no_transition(rig: Rig) ->
         )
 
     assert crashed_at("cycle", "apply")
+    assert crashed_at("cycle", "digest")
     assert crashed_at("delivery", "claim_retries")
     assert crashed_at("delivery", "XREADGROUP", "ack_and_read")
     assert crashed_at("delivery", "settle", "XACK", "ack_and_read")

@@ -108,6 +108,7 @@ async def test_a_dead_letter_lists_its_event_attempts_and_error(
         "time": line["time"],
         "event_id": event_id("req-1", "completed"),
         "reference_id": COMPLETED["reference_id"],
+        "type": "lipsync.request.completed",
     }
     assert line["event_id"] == event(1).id
     assert line["time"].endswith("Z")

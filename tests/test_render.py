@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from slack_sdk.models.blocks import Block
 
 from notifier.config import Route, Settings, load_settings
+from notifier.digest import Digest, Member
 from notifier.models import Event, LipsyncRequest
 from notifier.render import (
     Renderer,
@@ -27,6 +28,8 @@ from notifier.render import (
     duration,
     mrkdwn,
     readable_time,
+    sections,
+    slack_link,
     slack_problems,
 )
 
@@ -737,3 +740,162 @@ def test_slack_problems_reports_every_problem_at_once() -> None:
         "51 blocks, Slack's limit is 50",
         "block 51: must be an object",
     ]
+
+
+# 5. Batch digests.
+
+
+def hostile_digest(size: int, output_url: str | None = HOSTILE_HTTP_URL) -> Digest:
+    """A digest of `size` requests with hostile values; every seventh one failed with a
+    10 kB error message."""
+    members = []
+    for index in range(size):
+        event = hostile_event("failed" if index % 7 == 0 else "completed", output_url)
+        request = event.request.model_copy(update={"id": f"{HOSTILE_ID} {index:04}"})
+        members.append(Member(request, previous_status=HOSTILE_PREVIOUS))
+    return Digest("ops", LONG_REFERENCE, tuple(members), 1_774_868_400_000, DETECTED_MS)
+
+
+def render_digest(digest: Digest, route_name: str = "slack") -> dict[str, Any]:
+    """The body of `digest` for the route `slack` or `webhook`: the bundled digest
+    templates (a route renders its digests so whether or not `digest` is set)."""
+    settings = make_settings()
+    return json.loads(Renderer(settings).render(route_named(settings, route_name), digest).body)
+
+
+def plain_digest(completed: int, failed: int = 0) -> Digest:
+    members = [
+        Member(
+            LipsyncRequest.model_validate(
+                {
+                    **COMPLETED,
+                    "id": f"req-{index:04}",
+                    "status": "failed" if index < failed else "completed",
+                    "output_url": None if index < failed else f"https://o.example/{index}.mp4",
+                    "error_message": f"error {index}" if index < failed else None,
+                }
+            ),
+            "processing",
+        )
+        for index in range(completed + failed)
+    ]
+    return Digest("ops", "batch-1", tuple(members), None, DETECTED_MS)
+
+
+@pytest.mark.parametrize("size", [1, 7, 200, 1000])
+def test_a_slack_digest_of_any_size_with_hostile_values_passes_block_kit(size: int) -> None:
+    payload = render_digest(hostile_digest(size))
+    assert slack_problems(payload) == []
+    assert len(payload["blocks"]) <= 50
+    for block in payload["blocks"]:
+        parsed = Block.parse(block)
+        assert parsed is not None, f"not a Block Kit block: {block['type']}"
+        parsed.validate_json()
+        parsed.to_dict()
+        if "text" in block and block["type"] == "section":
+            assert len(block["text"]["text"]) <= 3000
+    for text in mrkdwn_texts(payload):
+        assert "<" not in text
+        assert ">" not in text
+        assert "&" not in ENTITY.sub("", text), "an & that is not an entity"
+
+
+def test_a_slack_digest_of_1000_lists_the_failures_that_fit_and_counts_the_rest() -> None:
+    payload = render_digest(hostile_digest(1000))
+    failures = [
+        b["text"]["text"]
+        for b in payload["blocks"]
+        if b["type"] == "section" and "text" in b and not b["text"]["text"].startswith("*Out")
+    ]
+    assert failures[0].startswith("*Failed*\n• `")
+    listed = sum(text.count("• `") for text in failures)
+    more = int(re.search(r"…and (\d+) more$", failures[-1]).group(1))
+    assert listed + more == 143, "every failure is listed or counted"
+    assert payload["text"].endswith("settled: 857 completed, 143 failed")
+
+
+def test_a_slack_digest_links_up_to_10_outputs_and_counts_the_rest() -> None:
+    payload = render_digest(plain_digest(completed=25, failed=2))
+    texts = [b["text"]["text"] for b in payload["blocks"] if b["type"] == "section" and "text" in b]
+    [outputs] = [text for text in texts if text.startswith("*Outputs*")]
+    assert outputs.count("<https://o.example/") == 10
+    assert outputs.endswith("…and 15 more")
+    assert payload["blocks"][0]["text"]["text"].startswith("⚠️ Batch settled")
+
+
+def test_a_slack_digest_without_failures_has_no_failure_section() -> None:
+    payload = render_digest(plain_digest(completed=3))
+    assert payload["blocks"][0]["text"]["text"] == "✅ Batch settled: batch-1"
+    assert "*Failed*" not in json.dumps(payload)
+    assert payload["text"] == "Batch `batch-1` settled: 3 completed"
+
+
+def test_the_webhook_digest_body_is_the_contract_body() -> None:
+    digest = plain_digest(completed=2, failed=1)
+    body = render_digest(digest, "webhook")
+    assert body == {
+        "type": "lipsync.batch.settled",
+        "timestamp": digest.context()["digest"]["detected_at"],
+        "data": {
+            "reference_id": "batch-1",
+            "counts": {"completed": 2, "failed": 1},
+            "created_at": COMPLETED["created_at"],
+            "finished_at": COMPLETED["finished_at"],
+            "requests": [member.data() for member in digest.members],
+        },
+    }
+    assert body["data"]["requests"][0] == {
+        "id": "req-0000",
+        "status": "failed",
+        "previous_status": "processing",
+        **{
+            name: COMPLETED.get(name)
+            for name in ("reference_id", "created_at", "started_at", "finished_at")
+        },
+        "output_url": None,
+        "error_message": "error 0",
+    }
+
+
+def test_a_route_renders_digests_with_its_digest_template(tmp_path: Path) -> None:
+    write(tmp_path, "mine/batch.json.j2", '{"batch": {{ digest.reference_id | tojson }}}')
+    config = tmp_path / "n.toml"
+    config.write_text(
+        f'[[routes]]\nname = "ops"\ntype = "webhook"\nurl = "{WEBHOOK_URL}"\n'
+        'digest = "reference_id"\ndigest_template = "mine/batch.json.j2"\n'
+    )
+    settings = make_settings(config=str(config), templates_dir=str(tmp_path))
+    route = route_named(settings, "ops")
+    renderer = Renderer(settings)
+    assert renderer.template_for(route, "settled") == "mine/batch.json.j2"
+    assert renderer.render(route, plain_digest(1)).body == b'{"batch":"batch-1"}'
+    assert renderer.template_for(route, "completed") == "webhook/default.json.j2"
+
+
+def test_sections_pack_lines_within_the_limit_and_count_what_does_not_fit() -> None:
+    lines = [f"line {n:02}" for n in range(30)]  # 7 characters each
+    packed = sections(lines, limit=23, most=3)
+    assert packed == [
+        "line 00\nline 01\nline 02",
+        "line 03\nline 04\nline 05",
+        "line 06\n…and 23 more",
+    ]
+    assert all(len(text) <= 23 for text in packed)
+    assert sections(lines[:2], limit=23, most=3) == ["line 00\nline 01"]
+    assert sections(lines[:2], limit=30, most=1, total=12) == ["line 00\nline 01\n…and 10 more"]
+    assert sections([], limit=23) == []
+
+
+def test_sections_clip_a_long_line_without_splitting_an_entity() -> None:
+    [text] = sections(["a" * 8 + "&amp;" + "b" * 20], limit=12, most=1)
+    assert text == "aaaaaaaa…"
+
+
+def test_slack_link_links_a_plain_url_and_shows_any_other_as_text() -> None:
+    assert slack_link("https://o.example/a.mp4?x=1&y=2", "a & b") == (
+        "<https://o.example/a.mp4?x=1&amp;y=2|a &amp; b>"
+    )
+    assert slack_link(HOSTILE_HTTP_URL, "out") == "out"
+    assert slack_link("ftp://o.example/a", "out") == "out"
+    assert slack_link(None, "<b>") == "&lt;b&gt;"
+    assert slack_link(LONG_HTTP_URL, "out") == "out"
