@@ -2,8 +2,9 @@
 
 The built-in API simulator serves an account on a free local port and the in-memory store
 keeps the state; the service itself (poller, outbox, workers, templates, sinks) runs as in
-`notifier run`. Both routes, Slack and a signed webhook, post to a console receiver on
-127.0.0.1 that prints what arrives: the very bytes and headers the real sinks send.
+`notifier run`. Its routes (Slack, a signed webhook and a Slack batch digest) post to a
+console receiver on 127.0.0.1 that prints what arrives: the very bytes and headers the real
+sinks send.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ EARLIER_REQUESTS = 12  # finished before the notifier starts: the baseline recor
 BATCH = "episode-7-ja"
 FAILURE = "no face detected in the input video"
 POLL_INTERVAL_S = 0.5
+DIGEST_WAIT_S = 1.0  # short, for the demo: a batch settles 1 s after its last change
 CYCLE_TIMEOUT_S = 5.0
 DEADLINE_S = 25.0  # the contract promises an exit in under 30 s
 WEBHOOK_HEADERS = ("content-type", "user-agent", "webhook-id", "webhook-timestamp")
@@ -83,10 +85,12 @@ class ConsoleReceiver:
         self._arrived = asyncio.Condition()
 
     def app(self) -> web.Application:
-        """POST /slack answers like Slack ("ok"); POST /webhook like a receiver (204)."""
+        """POST /slack and /digest answer like Slack ("ok"); POST /webhook like a receiver
+        (204)."""
         app = web.Application()
         app.router.add_post("/slack", self._receive("slack", slack_lines, 200))
         app.router.add_post("/webhook", self._receive("webhook", webhook_lines, 204))
+        app.router.add_post("/digest", self._receive("digest", slack_lines, 200))
         return app
 
     def _receive(
@@ -132,7 +136,10 @@ def _block_lines(block: dict[str, Any]) -> list[str]:
         return [block["text"]["text"].upper()]
     if kind == "section":
         text = block.get("text", {}).get("text", "")
-        fields = [field["text"].replace("\n", ": ", 1) for field in block.get("fields", [])]
+        fields = [
+            field["text"].replace("\n", ": ", 1).replace("\n", ", ")
+            for field in block.get("fields", [])
+        ]
         pairs = ["    ".join(fields[at : at + 2]) for at in range(0, len(fields), 2)]
         return [*text.replace("```", "").splitlines(), *pairs]
     if kind == "context":
@@ -167,6 +174,15 @@ def demo_settings(api_url: str, api_key: str, receiver: str) -> Settings:
         slack_webhook_url=f"{receiver}/slack",
         webhook_url=f"{receiver}/webhook",
         webhook_secret=secret,
+        routes=[
+            {
+                "name": "digest",
+                "type": "slack",
+                "url": f"{receiver}/digest",
+                "digest": "reference_id",
+                "digest_wait": DIGEST_WAIT_S,
+            }
+        ],
         http_port=0,
     )
 
@@ -215,7 +231,8 @@ def _introduce(console: Console, api_url: str, receiver_url: str) -> None:
     console.print("  store     in memory (fakeredis, running the same Lua scripts as Redis)")
     console.print("  routes    slack: Block Kit messages, at most one a second")
     console.print("            webhook: JSON signed per Standard Webhooks")
-    console.print(f"  receiver  {receiver_url}/slack and /webhook print what arrives")
+    console.print("            digest: one Slack message per settled batch (a reference_id)")
+    console.print(f"  receiver  {receiver_url}/slack, /webhook and /digest print what arrives")
     console.print()
 
 
@@ -262,7 +279,7 @@ async def _story(
     await cycles.next()
     simulator.complete(third)
     console.say(f"api: {third[:8]}… completed")
-    await receiver.wait_for(6, deadline - time.monotonic())
+    await receiver.wait_for(7, deadline - time.monotonic())
     _conclude(console, receiver)
 
 
@@ -274,8 +291,9 @@ def _conclude(console: Console, receiver: ConsoleReceiver) -> None:
     console.print()
     console.say(
         f"done: 2 requests completed and 1 failed; slack got {count['slack']} messages, "
-        f"webhook {count['webhook']} with {len(ids)} distinct webhook-ids; the "
-        f"{EARLIER_REQUESTS} earlier requests were not announced."
+        f"webhook {count['webhook']} with {len(ids)} distinct webhook-ids, digest "
+        f"{count['digest']} for the whole batch; the {EARLIER_REQUESTS} earlier requests "
+        f"were not announced."
     )
     console.print(
         "Next: set NOTIFIER_API_KEY and NOTIFIER_SLACK_WEBHOOK_URL or NOTIFIER_WEBHOOK_URL, "

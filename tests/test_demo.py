@@ -56,7 +56,7 @@ def shown(output: str) -> list[Shown]:
     messages: list[Shown] = []
     current: Shown | None = None
     for line in output.splitlines():
-        if heading := re.search(r"\] (slack|webhook) received POST /\1 ", line):
+        if heading := re.search(r"\] (slack|webhook|digest) received POST /\1 ", line):
             current = Shown(heading.group(1), [])
             messages.append(current)
         elif current is not None and line.startswith("  "):
@@ -106,7 +106,7 @@ def test_the_demo_runs_with_no_network_and_no_settings_in_under_30_seconds() -> 
     assert elapsed < 30
     assert result.stderr == ""  # no warning, no traceback
     routes = [message.route for message in shown(result.stdout)]
-    assert sorted(routes) == ["slack"] * 3 + ["webhook"] * 3
+    assert sorted(routes) == ["digest"] + ["slack"] * 3 + ["webhook"] * 3
 
 
 def test_the_webhook_gets_two_completed_and_one_failed_event_with_their_headers(
@@ -151,8 +151,17 @@ def test_slack_gets_a_compact_rendering_of_each_block_kit_message(output: str) -
 
 def test_the_accounts_earlier_requests_are_recorded_silently(output: str) -> None:
     assert "recorded the account's 12 earlier requests silently" in output
-    assert len(shown(output)) == 6  # the batch's three, on two routes, and nothing else
-    assert "slack got 3 messages, webhook 3 with 3 distinct webhook-ids" in output
+    assert len(shown(output)) == 7  # the batch's three on two routes, its digest, no more
+    assert "slack got 3 messages, webhook 3 with 3 distinct webhook-ids, digest 1" in output
+
+
+def test_the_digest_route_gets_one_message_for_the_whole_batch(output: str) -> None:
+    [lines] = [message.lines for message in shown(output) if message.route == "digest"]
+    assert lines[0] == "text: Batch `episode-7-ja` settled: 2 completed, 1 failed"
+    assert lines[1] == "┃ ⚠️ BATCH SETTLED: EPISODE-7-JA"
+    assert any("*Results*: 2 completed, 1 failed" in line for line in lines)
+    assert any(line.startswith("┃ • `") and line.endswith(FAILURE) for line in lines)
+    assert sum(".mp4|" in line for line in lines) == 2
 
 
 def test_the_compact_rendering_names_every_kind_of_block() -> None:
