@@ -72,7 +72,8 @@ def test_the_example_config_loads(tmp_path: Path) -> None:
     example = re.search(r"```toml\n(.*?)```", section("Routes"), re.S).group(1)
     (tmp_path / "notifier.toml").write_text(example)
     settings = load_settings({"config": str(tmp_path / "notifier.toml")})
-    assert [route.name for route in settings.routes] == ["dubbing-team", "pipeline"]
+    assert [route.name for route in settings.routes] == ["dubbing-team", "pipeline", "batches"]
+    assert settings.routes[2].digest == "reference_id"
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
