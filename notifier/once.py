@@ -55,10 +55,10 @@ class OnceReport:
             kind = "baseline, " if self.cycle.baseline else ""
             listed, events = self.cycle.listed, self.cycle.events
             cycle = f"cycle: {kind}{listed} requests listed, {events} events queued"
-            if self.cycle.digests or self.cycle.open_batches:
+            if self.cycle.digests or self.cycle.waiting_batches:
                 cycle += (
                     f", {self.cycle.digests} batch digests queued, "
-                    f"{self.cycle.open_batches} batches open"
+                    f"{self.cycle.waiting_batches} batches waiting to settle"
                 )
         t = self.tally
         delivery = (

@@ -61,7 +61,7 @@ class CycleResult:
     first_seen: int = 0  # requests that had no stored state
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
     digests: int = 0  # batch digests appended to the outbox
-    open_batches: int = 0  # batches that may still owe a digest
+    waiting_batches: int = 0  # batches about to settle, or owing a held-back digest
 
     def add(self, applied: Applied) -> None:
         """Count one applied page."""
@@ -146,7 +146,7 @@ class Poller:
         if self.settings.digest_routes:
             # After a whole listing, so every member of a batch is known.
             settled = await self.store.settle_batches(epoch, token)
-            result.digests, result.open_batches = settled.digests, settled.open
+            result.digests, result.waiting_batches = settled.digests, settled.waiting
         await self.store.finish(epoch, token, learned.fields() if learned else None)
         if not epoch.baseline:
             result.pruned = await self._prune(epoch)
@@ -231,9 +231,9 @@ class Poller:
 
     def interval(self, result: CycleResult) -> float:
         """Seconds from one cycle's start to the next: the poll interval while requests are
-        unfinished, events were queued or batches may owe a digest, else the (longer) idle
+        unfinished, events were queued or batches wait to settle, else the (longer) idle
         interval."""
-        busy = result.unfinished or result.events or result.open_batches or result.baseline
+        busy = result.unfinished or result.events or result.waiting_batches or result.baseline
         idle = self.settings.idle_interval
         return self.settings.poll_interval if busy or idle is None else idle
 

@@ -93,7 +93,7 @@ class Settled:
 
     digests: int = 0  # digests appended to the outbox
     closed: int = 0  # batches that owe no route a digest any more
-    open: int = 0  # batches still open after it: unfinished, waiting or owing one
+    waiting: int = 0  # batches that changed within digest_wait, or owe a held-back digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,27 +200,19 @@ class Store:
             *self.routes,
         ]
         packed: list[str] = []
-        key_index: dict[str, int] = {}  # KEYS position (from 1) of each bucket and batch
-
-        def index_of(*names: str) -> int:
-            if (index := key_index.get(names[0])) is None:
-                index = key_index[names[0]] = len(keys) + 1
-                keys.extend(names)
-            return index
-
+        bucket_index: dict[str, int] = {}
         for request in requests:
-            index = index_of(self.keys.state_of(request.id))
-            ref = request.reference_id if self._batches else None
-            batch = 0
-            if ref is not None:
-                batch = index_of(self.keys.batch(ref), self.keys.batch_results(ref))
+            bucket = self.keys.state_of(request.id)
+            index = bucket_index.setdefault(bucket, len(keys) + 1)
+            if index == len(keys) + 1:
+                keys.append(bucket)
             code = encode_status(request.status)
             packed.append(
-                f"{index} {batch} {request.created_ms} {_finished_s(request)} "
-                f"{len(request.id.encode())} {len(code.encode())} "
-                f"{len(ref.encode()) if ref else 0} {request.id}{code}{ref or ''}"
+                f"{index} {request.created_ms} {_finished_s(request)} "
+                f"{len(request.id.encode())} {len(code.encode())} {request.id}{code}"
             )
         args.append("".join(packed))
+        args.append(self._memberships(requests, keys) if self._batches else "")
         # Snapshots go only with the requests the script asks for: most queue no event.
         reply = await self._run("apply", keys, args)
         while reply[0] == NEED_SNAPSHOTS:
@@ -238,6 +230,19 @@ class Store:
                 for code, count in zip(entered[::2], entered[1::2], strict=True)
             },
         )
+
+    def _memberships(self, requests: Sequence[LipsyncRequest], keys: list[str]) -> str:
+        """The page's batch members for apply.lua, their batches' keys appended to `keys`."""
+        batch_index: dict[str, int] = {}
+        packed = []
+        for position, request in enumerate(requests):
+            if (ref := request.reference_id) is None:
+                continue
+            if (index := batch_index.get(ref)) is None:
+                index = batch_index[ref] = len(keys) + 1
+                keys += [self.keys.batch(ref), self.keys.batch_results(ref)]
+            packed.append(f"{position} {index} {len(ref.encode())} {ref}")
+        return "".join(packed)
 
     async def finish(
         self, epoch: Epoch, token: str, sweep: Mapping[str, str] | None = None
@@ -282,10 +287,14 @@ class Store:
             for ref in refs[start : start + SETTLE_BATCHES_PER_CALL]:
                 keys += [self.keys.batch(ref), self.keys.batch_results(ref)]
                 args += [ref, "".join("1" if route.digests(ref) else "0" for route in routes)]
-            queued, closed = await self._run("digest", keys, args)
+            queued, closed, owing = await self._run("digest", keys, args)
             settled.digests += queued
             settled.closed += closed
-        settled.open = await self.redis.zcard(self.keys.open_batches)
+            settled.waiting += owing
+        # Batches that changed too lately to settle: the next cycles must come soon.
+        settled.waiting += await self.redis.zcount(
+            self.keys.open_batches, f"({quiet_since}", "+inf"
+        )
         return settled
 
     async def prune_batches(self, epoch: Epoch, token: str, retention_s: float) -> int:

@@ -34,6 +34,7 @@ RUNS = {
     "render": (["--events", "200", "--runs", "1"], "webhook default (render + sign)"),
     "state_memory": (["--requests", "500"], "used_memory"),
     "delivery": (["--deliveries", "100", "--runs", "1"], "full path"),
+    "digest": (["--requests", "500", "--batch", "50", "--rounds", "1"], "| settle step"),
 }
 
 

@@ -263,7 +263,7 @@ async def test_each_digest_route_settles_by_its_own_wait_and_gets_the_same_diges
     assert (await rig.at(11)).digests == 1
     assert (await rig.at(30)).digests == 0
     result = await rig.at(61)
-    assert (result.digests, result.open_batches) == (1, 0)
+    assert (result.digests, result.waiting_batches) == (1, 0)
     fast, slow = await digests(rig.poller)
     assert (fast.route, slow.route) == ("digest-0", "digest-1")
     assert fast.id == slow.id
@@ -278,7 +278,7 @@ async def test_without_a_digest_route_no_batch_is_kept(
         finish(simulator, started_batch(simulator, 3))
         result = await poller.cycle()
     assert result.events == 3
-    assert (result.digests, result.open_batches) == (0, 0)
+    assert (result.digests, result.waiting_batches) == (0, 0)
     assert not await redis_client.keys("*batch*")
 
 
@@ -397,3 +397,22 @@ def test_the_digest_context_has_counts_times_and_each_request_as_in_its_own_body
         "output_url": None,
         "error_message": "no face",
     }
+
+
+async def test_the_poller_keeps_its_poll_interval_while_a_batch_waits_to_settle(
+    tmp_path: Path, api_url: str, redis_client: redis.asyncio.Redis, simulator: Simulator
+) -> None:
+    config = digest_routes(tmp_path, "digest_wait = 30")
+    settings = make_settings(api_url, config=config, idle_interval=300)
+    clock = Clock()
+    async with poller_of(settings, redis_client, clock=clock) as poller:
+        rig = Rig(poller, clock)
+        await rig.at(0)
+        finish(simulator, started_batch(simulator, 3))
+        await rig.at(1)
+        waiting = await rig.at(20)  # nothing unfinished, no event: only the batch is waiting
+        assert (waiting.unfinished, waiting.events, waiting.waiting_batches) == (0, 0, 1)
+        assert poller.interval(waiting) == settings.poll_interval
+        settled = await rig.at(31)
+        assert settled.digests == 1
+        assert poller.interval(await rig.at(40)) == 300

@@ -21,10 +21,12 @@
 --       batch / batch-results pairs
 -- ARGV: 1 lease token, 2 epoch id, 3 notify_on codes, 4 detection unix ms, 5 route count n,
 --       6..5+n route names, 6+n the page's requests packed in one string (one argument
---       per field cost the caller more than the rest of the call), then position / snapshot
---       pairs. Each request is "<bucket index in KEYS> <batch index in KEYS or 0>
---       <created_at unix ms> <finished unix s or nothing> <bytes of id> <bytes of status
---       code> <bytes of reference_id> " followed by the id, the code and the reference_id.
+--       per field cost the caller more than the rest of the call), 7+n the batch members
+--       among them (empty without digest routes), then position / snapshot pairs. Each
+--       request is "<bucket index in KEYS> <created_at unix ms> <finished unix s or
+--       nothing> <bytes of id> <bytes of status code> " followed by the id and the code;
+--       each member "<position in the page> <batch index in KEYS> <bytes of reference_id> "
+--       followed by the reference_id.
 local epoch, refused = guard(KEYS[2], ARGV[1], KEYS[1], ARGV[2],
   'phase', 'newest', 'horizon', 'existing')
 if refused then return refused end
@@ -46,14 +48,20 @@ local newest, horizon = tonumber(epoch[3]), tonumber(epoch[4])
 local packed, requests, snapshots = ARGV[6 + routes], {}, {}
 local at = 1
 while at <= #packed do
-  local _, stop, index, batch, created, finished, id_bytes, code_bytes, ref_bytes =
-    string.find(packed, '^(%d+) (%d+) (%d+) (%d*) (%d+) (%d+) (%d+) ', at)
+  local _, stop, index, created, finished, id_bytes, code_bytes =
+    string.find(packed, '^(%d+) (%d+) (%d*) (%d+) (%d+) ', at)
   local id_end = stop + tonumber(id_bytes)
-  local code_end = id_end + tonumber(code_bytes)
-  at = code_end + tonumber(ref_bytes) + 1
+  at = id_end + tonumber(code_bytes) + 1
   requests[#requests + 1] = {KEYS[tonumber(index)], string.sub(packed, stop + 1, id_end),
-    string.sub(packed, id_end + 1, code_end), tonumber(created), finished,
-    tonumber(batch), string.sub(packed, code_end + 1, at - 1)}
+    string.sub(packed, id_end + 1, at - 1), tonumber(created), finished, 0}
+end
+local members = ARGV[7 + routes]
+at = 1
+while at <= #members do
+  local _, stop, position, batch, ref_bytes = string.find(members, '^(%d+) (%d+) (%d+) ', at)
+  at = stop + tonumber(ref_bytes) + 1
+  local r = requests[tonumber(position) + 1]
+  r[6], r[7] = tonumber(batch), string.sub(members, stop + 1, at - 1)
 end
 
 -- Record a changed request in its batch; `result` is its snapshot when it entered a
@@ -79,7 +87,7 @@ local function track(r, previous, stored, result)
   redis.call('ZADD', KEYS[4], detected, ref)
   redis.call('ZADD', KEYS[5], detected, ref)
 end
-for i = 7 + routes, #ARGV, 2 do snapshots[tonumber(ARGV[i])] = ARGV[i + 1] end
+for i = 8 + routes, #ARGV, 2 do snapshots[tonumber(ARGV[i])] = ARGV[i + 1] end
 
 -- First decide every request, writing nothing: an event needs the request's snapshot,
 -- which the caller sends only when asked (most listed requests queue no event).
