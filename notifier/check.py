@@ -1,9 +1,8 @@
 """`notifier check` and `notifier send-test`: try a configuration before trusting it.
 
 `check` renders every route's template for each of its statuses (and a large sample
-digest on a digest route), pings Redis and calls
-the API once; `send-test` delivers a sample to real receivers. Neither prints a secret:
-routes are named, never shown by URL.
+digest on a digest route), pings Redis and calls the API once; `send-test` delivers a
+sample to real receivers. Neither prints a secret: routes are named, never shown by URL.
 """
 
 from __future__ import annotations

@@ -36,6 +36,15 @@ FIELD_ROUTE = "d"
 FIELD_BATCH = "b"
 FIELD_MEMBERS = "m"
 FIELD_CREATED_MS = "c"
+# The fields of a member's per-request body after id, status and previous_status.
+PER_REQUEST_FIELDS = (
+    "reference_id",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "output_url",
+    "error_message",
+)
 
 
 def digest_id(reference_id: str, request_ids: Sequence[str]) -> str:
@@ -59,16 +68,6 @@ class Member:
             "previous_status": self.previous_status,
             **{name: request[name] for name in PER_REQUEST_FIELDS},
         }
-
-
-PER_REQUEST_FIELDS = (
-    "reference_id",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "output_url",
-    "error_message",
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,14 +209,14 @@ class Renderer:
         self._compiled: dict[str, Template] = {}
         self._names: dict[tuple[str, str], str] = {}
 
-    def render(self, route: Route, event: OutboxItem) -> Message:
+    def render(self, route: Route, item: OutboxItem) -> Message:
         """The body of an event or digest for `route`; `RenderError` naming the route, file
         and line."""
-        name = self.template_for(route, event.status)
+        name = self.template_for(route, item.status)
         template = self._template(route, name)
         where = f"route {route.name!r}, template {name}"
         try:
-            text = template.render(event.context())
+            text = template.render(item.context())
         except Exception as exc:  # a template is user code: any of its failures is theirs
             raise RenderError(f"{where}{self._origin(exc, name)}: {_first_line(exc)}") from None
         try:
@@ -230,7 +230,7 @@ class Renderer:
             raise RenderError(f"{where}: not a message Slack accepts: {'; '.join(problems)}")
         # Compact and stable: the same event always gives the same bytes.
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        return Message(event_id=event.id, body=body.encode())
+        return Message(event_id=item.id, body=body.encode())
 
     def _origin(self, exc: BaseException, name: str) -> str:
         """`, line N` of the innermost template frame of a render error, naming its file
@@ -359,7 +359,7 @@ def sample_digest(
     unique: bool = False,
 ) -> Digest:
     """A realistic digest of a batch of `size` for `route`, `failed` of them failed, for
-    `check`, `send-test --digest` and the demo (`unique`: new request ids each time)."""
+    `check` and `send-test --digest` (`unique`: new request ids each time)."""
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     members = []
     for index in range(size):

@@ -164,15 +164,14 @@ class Store:
         self.redis = client
         self.keys = Keys(settings.key_prefix)
         self.routes = [route.name for route in settings.routes]
-        # Batches are tracked only for digest routes: without one, they would cost memory
-        # and time for nothing.
-        self._batches = bool(settings.digest_routes)
         self._notify_on = "".join(encode_status(status) for status in settings.notify_on)
         self._clock = clock
         self._scripts = {
             name: load_script(client, name, common=True)
             for name in ("begin", "apply", "finish", "prune", "digest", "prune_batches")
         }
+        # Batches are tracked only for digest routes: without one, they would cost memory
+        # and time for nothing.
         self._digest_routes = settings.digest_routes
 
     async def begin(self, token: str, notify_existing: bool) -> Epoch:
@@ -212,7 +211,7 @@ class Store:
                 f"{len(request.id.encode())} {len(code.encode())} {request.id}{code}"
             )
         args.append("".join(packed))
-        args.append(self._memberships(requests, keys) if self._batches else "")
+        args.append(self._memberships(requests, keys) if self._digest_routes else "")
         # Snapshots go only with the requests the script asks for: most queue no event.
         reply = await self._run("apply", keys, args)
         while reply[0] == NEED_SNAPSHOTS:
