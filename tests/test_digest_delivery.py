@@ -19,6 +19,8 @@ from notifier import delivery as delivery_module
 from notifier import lease as lease_module
 from notifier.config import Settings, load_settings
 from notifier.digest import digest_id
+from notifier.dlq import DeadLetters
+from notifier.keys import Keys
 from notifier.once import EXIT_DONE, run_once
 from notifier.render import slack_problems
 from notifier.simulator import Simulator
@@ -157,3 +159,43 @@ async def test_a_batch_of_200_gives_one_digest_per_digest_route_and_200_messages
     for request_id in failed:
         assert request_id in shown
     assert "face &lt;lost&gt; &amp; found" in shown
+
+
+async def test_a_dead_lettered_digest_is_listed_and_replayed_with_its_id_and_body(
+    settings: Settings, simulator: Simulator, webhook_receiver: Receiver
+) -> None:
+    webhook_receiver.plan("/batches", (410, "gone"))
+    requests = simulator.create(3, reference_id=BATCH)
+    for request in requests:
+        simulator.start(request.id)
+    await once_until_done(settings)
+    for request in requests:
+        simulator.complete(request.id)
+    report = await run_once(settings)
+    assert report.tally.dead == 1, report.summary()
+
+    client: redis.asyncio.Redis = connect_redis(settings.redis_url.get_secret_value())
+    try:
+        dead_letters = DeadLetters(client, Keys(settings.key_prefix))
+        [letter] = [letter async for letter in dead_letters.all()]
+        line = letter.as_json()
+        expected_id = digest_id(BATCH, [r.id for r in requests])
+        assert (line["route"], line["type"], line["event_id"]) == (
+            "batches",
+            "lipsync.batch.settled",
+            expected_id,
+        )
+        assert (line["reference_id"], line["request_id"], line["status"]) == (
+            BATCH,
+            None,
+            "settled",
+        )
+        replayed = await dead_letters.replay([letter.id], [r.name for r in settings.routes])
+        assert [d.id for d in replayed.replayed] == [letter.id]
+    finally:
+        await client.aclose()
+    await once_until_done(settings)
+
+    first, second = webhook_receiver.to("/batches")
+    assert first.event_id == second.event_id == expected_id
+    assert first.body == second.body
