@@ -92,7 +92,10 @@ class Rig:
         return await self.poller.cycle()
 
 
-def finish(simulator: Simulator, ids: list[str], failed: set[str] = frozenset()) -> None:
+def finish(
+    simulator: Simulator, ids: list[str], failed: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """Complete `ids` in the simulator, failing those in `failed`."""
     for request_id in ids:
         if request_id in failed:
             simulator.fail(request_id, f"no face found in {request_id[:8]} & <b>")
@@ -101,6 +104,7 @@ def finish(simulator: Simulator, ids: list[str], failed: set[str] = frozenset())
 
 
 def started_batch(simulator: Simulator, count: int, reference_id: str | None = BATCH) -> list[str]:
+    """`count` new requests of the batch `reference_id`, processing; their ids."""
     requests = simulator.create(count, reference_id=reference_id)
     for request in requests:
         simulator.start(request.id)
