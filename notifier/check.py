@@ -148,14 +148,22 @@ class SendTest:
         return f"route {self.route.name} ({self.route.type}): {self.outcome}"
 
 
-async def send_tests(settings: Settings, routes: Sequence[Route], status: str) -> list[SendTest]:
-    """Deliver one sample notification to each route at once (`status` "digest": a sample
-    batch digest); one route never stops another."""
+async def send_tests(
+    settings: Settings, routes: Sequence[Route], status: str, *, digest: bool = False
+) -> list[SendTest]:
+    """Deliver one sample notification of `status` (with `digest`, a sample batch digest)
+    to each route at once; one route never stops another."""
     renderer = Renderer(settings)
+
+    def sample(route: Route) -> OutboxItem:
+        if digest:
+            return sample_digest(route, unique=True)
+        return sample_event(status, unique=True)
+
     async with aiohttp.ClientSession() as session:
         return list(
             await asyncio.gather(
-                *(_send_one(renderer, session, settings, route, status) for route in routes)
+                *(_send_one(renderer, session, settings, route, sample(route)) for route in routes)
             )
         )
 
@@ -165,14 +173,9 @@ async def _send_one(
     session: aiohttp.ClientSession,
     settings: Settings,
     route: Route,
-    status: str,
+    sample: OutboxItem,
 ) -> SendTest:
     try:
-        sample = (
-            sample_digest(route, unique=True)
-            if status == "digest"
-            else sample_event(status, unique=True)
-        )
         message = renderer.render(route, sample)
     except RenderError as exc:
         return SendTest(route, delivered=False, outcome=f"not sent: {exc}")

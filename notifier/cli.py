@@ -128,8 +128,7 @@ def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     routes = _configured_routes(settings, args.route)
     if args.digest:
         routes = _digest_routes(routes, args.route)
-    sample = "digest" if args.digest else args.status
-    sent = asyncio.run(check.send_tests(settings, routes, sample))
+    sent = asyncio.run(check.send_tests(settings, routes, args.status, digest=args.digest))
     print("\n".join(test.line() for test in sent))
     return 0 if all(test.delivered for test in sent) else EXIT_FAILED
 

@@ -92,7 +92,6 @@ class Settled:
     """What settling batches did."""
 
     digests: int = 0  # digests appended to the outbox
-    closed: int = 0  # batches that owe no route a digest any more
     waiting: int = 0  # batches that changed within digest_wait, or owe a held-back digest
 
 
@@ -286,9 +285,8 @@ class Store:
             for ref in refs[start : start + SETTLE_BATCHES_PER_CALL]:
                 keys += [self.keys.batch(ref), self.keys.batch_results(ref)]
                 args += [ref, "".join("1" if route.digests(ref) else "0" for route in routes)]
-            queued, closed, owing = await self._run("digest", keys, args)
+            queued, owing = await self._run("digest", keys, args)
             settled.digests += queued
-            settled.closed += closed
             settled.waiting += owing
         # Batches that changed too lately to settle: the next cycles must come soon.
         settled.waiting += await self.redis.zcount(

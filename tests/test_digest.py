@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from notifier.digest import Digest, Member, digest_id, read_entry
 from notifier.models import Event, LipsyncRequest, MalformedEvent
 from notifier.poller import CycleResult, Poller
 from notifier.simulator import Simulator
-from notifier.store import LeaseLost
+from notifier.store import GroupMissing, LeaseLost
 
 from polling import digests, make_settings, outbox, poller_of
 
@@ -314,6 +315,46 @@ async def test_settling_is_refused_to_a_poller_without_the_lease(
         await rig.poller.store.settle_batches(epoch, "not-the-lease-token")
     assert await digests(rig.poller) == []
     assert (await rig.poller.store.settle_batches(epoch, rig.poller.lease.token)).digests == 1
+
+
+async def test_a_route_without_its_consumer_group_gets_no_digest_it_could_never_read(
+    rig: Rig, simulator: Simulator
+) -> None:
+    await rig.at(0)
+    finish(simulator, started_batch(simulator, 2))
+    await rig.at(1)
+    store = rig.poller.store
+    await store.redis.xgroup_destroy(store.keys.outbox, "digest-0")
+    rig.clock.now += 60
+    epoch = await store.begin(rig.poller.lease.token, notify_existing=False)  # makes it again
+    await store.redis.xgroup_destroy(store.keys.outbox, "digest-0")
+    with pytest.raises(GroupMissing, match="route digest-0 has no consumer group"):
+        await store.settle_batches(epoch, rig.poller.lease.token)
+    assert await digests(rig.poller) == []
+    assert (await rig.at(70)).digests == 1, "the next cycle makes the group and settles"
+
+
+async def test_a_cycle_whose_settle_call_fails_queues_the_digest_once_on_the_next(
+    rig: Rig, simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.at(0)
+    finish(simulator, started_batch(simulator, 2))
+    await rig.at(1)
+    store = rig.poller.store
+    run = store._run
+
+    async def redis_drops_the_settle_call(name: str, *args: Any) -> Any:
+        if name == "digest":
+            raise RedisConnectionError("Connection closed by server.")
+        return await run(name, *args)
+
+    monkeypatch.setattr(store, "_run", redis_drops_the_settle_call)
+    with pytest.raises(RedisConnectionError):
+        await rig.at(40)
+    monkeypatch.setattr(store, "_run", run)
+    assert (await rig.at(41)).digests == 1
+    assert (await rig.at(42)).digests == 0
+    assert len(await digests(rig.poller)) == 1
 
 
 # The outbox entry.

@@ -9,8 +9,8 @@
 -- ('sent:<route>') and when ('at:<route>'); route names hold no ':', so these fields
 -- never meet the batch's own fields.
 --
--- Returns the digests queued, the batches closed and the batches that owe a route a
--- digest its digest_wait or digest_interval holds back.
+-- Returns the digests queued and the batches that owe a route a digest its digest_wait or
+-- digest_interval holds back.
 --
 -- KEYS: 1 epoch, 2 lease, 3 outbox, 4 open batches, 5.. batch / batch-results pairs
 -- ARGV: 1 lease token, 2 epoch id, 3 now unix ms, 4 route count n, then n times route
@@ -43,7 +43,7 @@ local function digest(route, ref, members, created)
     'c', created, 't', now)
 end
 
-local queued, closed, owing, k = 0, 0, 0, 5
+local queued, owing, k = 0, 0, 5
 for a = 5 + 3 * n, #ARGV, 2 do
   local ref, mask, batch, results = ARGV[a], ARGV[a + 1], KEYS[k], KEYS[k + 1]
   k = k + 2
@@ -81,8 +81,7 @@ for a = 5 + 3 * n, #ARGV, 2 do
     else
       redis.call('DEL', results)
       redis.call('ZREM', KEYS[4], ref)
-      closed = closed + 1
     end
   end
 end
-return {queued, closed, owing}
+return {queued, owing}
