@@ -245,16 +245,18 @@ class _Cycles:
 
     async def next(self) -> None:
         """Return once a cycle that began after this call has completed."""
+        # A deadline checked between calls, not a timeout that cancels one: on Python 3.11
+        # a Redis call may swallow that cancellation (see tasks.py), and the wait went on
+        # forever.
+        deadline = time.monotonic() + CYCLE_TIMEOUT_S
         before = await self.client.get(self.key)
-        try:
-            async with asyncio.timeout(CYCLE_TIMEOUT_S):
-                # One change may be a cycle that was already under way: wait for two.
-                for _ in range(2):
-                    while (now := await self.client.get(self.key)) == before:
-                        await asyncio.sleep(0.02)
-                    before = now
-        except TimeoutError:
-            raise DemoStalled("no poll cycle completed in time") from None
+        # One change may be a cycle that was already under way: wait for two.
+        for _ in range(2):
+            while (now := await self.client.get(self.key)) == before:
+                if time.monotonic() >= deadline:
+                    raise DemoStalled("no poll cycle completed in time")
+                await asyncio.sleep(0.02)
+            before = now
 
 
 async def _story(

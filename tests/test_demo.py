@@ -211,6 +211,32 @@ def test_a_demo_that_stalls_exits_1_saying_what_did_not_happen(
     assert "rejected the API key (HTTP 403: unauthorized)" in err
 
 
+class SwallowingRedis:
+    """A client whose call swallows the first cancellation it meets, as a redis-py call on
+    Python 3.11 may when the cancellation lands as the command completes."""
+
+    def __init__(self) -> None:
+        self.swallowed = False
+
+    async def get(self, key: str) -> None:
+        try:
+            await asyncio.sleep(0.3)  # longer than the demo's wait below: it lands here
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed = True
+
+
+async def test_waiting_for_a_cycle_ends_even_when_a_redis_call_swallows_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(demo, "CYCLE_TIMEOUT_S", 0.1)
+    cycles = demo._Cycles.__new__(demo._Cycles)
+    cycles.client, cycles.key = SwallowingRedis(), "last-cycle"
+    with pytest.raises(demo.DemoStalled, match="no poll cycle completed in time"):
+        await asyncio.wait_for(cycles.next(), 5)
+
+
 def test_ctrl_c_stops_the_demo_with_130_and_no_traceback() -> None:
     demo_process = subprocess.Popen(
         [sys.executable, "-u", "-m", "notifier", "demo"],
