@@ -5,12 +5,16 @@ FROM python:3.11.15-slim-bookworm AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY notifier ./notifier
 COPY templates ./templates
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+# constraints.txt holds the versions the test suite passed with (see .ci/lock): the image
+# installs exactly those, its build backend included.
+RUN pip install --no-cache-dir --upgrade --constraint constraints.txt pip \
+    && pip wheel --no-cache-dir --no-deps --build-constraint constraints.txt \
+        --wheel-dir /wheels . \
     && python -m venv /opt/notifier \
-    && /opt/notifier/bin/pip install --no-cache-dir /wheels/*.whl
+    && /opt/notifier/bin/pip install --no-cache-dir --constraint constraints.txt /wheels/*.whl
 
 FROM python:3.11.15-slim-bookworm
 LABEL org.opencontainers.image.title="chamelaion-notifier" \

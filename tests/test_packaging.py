@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from conftest import eventually, free_port
 from samples import SIMULATOR_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "constraints.txt"
 BUNDLED = sorted(
     path.relative_to(ROOT / "templates").as_posix() for path in (ROOT / "templates").rglob("*.j2")
 )
@@ -46,6 +49,40 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (built,) = out.glob("chamelaion_notifier-*.whl")
     return built
+
+
+def locked() -> dict[str, str]:
+    """constraints.txt as normalised name -> pinned version."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonical(name)] = version
+    return pins
+
+
+def canonical(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_lock_pins_every_dependency_and_test_dependency_to_one_version() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    pins = locked()
+    for requirement in wanted:
+        name = canonical(re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0])
+        assert re.fullmatch(r"\d+(\.\d+)*(\.?post\d+)?", pins.get(name, "")), requirement
+    assert "pip" in pins  # .ci/run upgrades pip to the version the lock was made with
+
+
+def test_ci_and_the_image_install_with_the_lock() -> None:
+    for path in (ROOT / ".ci" / "run", ROOT / "Dockerfile"):
+        text = path.read_text().replace("\\\n", " ")
+        installs = [line for line in text.splitlines() if re.search(r"pip (install|wheel)", line)]
+        assert installs, path
+        for line in installs:
+            assert "constraint constraints.txt" in line, f"{path.name}: {line.strip()}"
 
 
 def test_the_bundled_templates_exist() -> None:
@@ -120,7 +157,11 @@ async def test_a_fresh_venv_set_up_like_the_image_runs_the_service_and_passes_it
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", str(venv))
     python = str(venv / "bin" / "python")
-    run(python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", str(wheel))
+    run(
+        python,
+        *("-m", "pip", "install", "--disable-pip-version-check", "--quiet"),
+        *("--constraint", str(LOCK), str(wheel)),
+    )
     notifier = str(venv / "bin" / "notifier")
     assert "usage: notifier" in run(notifier, "--help", cwd=tmp_path).stdout
 
