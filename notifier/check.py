@@ -18,6 +18,7 @@ from notifier.api import ApiClient, ApiError, AuthError
 from notifier.config import Route, Settings, env_name
 from notifier.digest import OutboxItem
 from notifier.models import Delivered, Permanent, Retry, SendResult
+from notifier.outages import reason
 from notifier.render import Renderer, RenderError, sample_digest, sample_event
 from notifier.sinks import Sink
 from notifier.store import connect_redis
@@ -94,7 +95,7 @@ async def check_redis(settings: Settings) -> Finding:
         return Finding("redis", setting, False, f"refused the credentials of the URL: {exc}", True)
     except (RedisError, OSError) as exc:
         # redis-py's messages name the host and port, never the password of the URL.
-        return Finding("redis", setting, False, f"unreachable: {type(exc).__name__}: {exc}")
+        return Finding("redis", setting, False, f"unreachable ({reason(exc)})")
     finally:
         await client.aclose()
     return Finding("redis", setting, True, f"reachable (Redis {info.get('redis_version', '?')})")
@@ -176,7 +177,7 @@ async def _send_one(
     sample: OutboxItem,
 ) -> SendTest:
     try:
-        message = renderer.render(route, sample)
+        message = await renderer.render_async(route, sample)
     except RenderError as exc:
         return SendTest(route, delivered=False, outcome=f"not sent: {exc}")
     result = await Sink(route, session, settings.delivery_timeout).send(message)

@@ -3,7 +3,9 @@
 Templates run in a sandbox with `StrictUndefined`, so a typo fails loudly instead of
 sending an empty field. Values reach JSON only through `tojson` and Slack mrkdwn only
 through the `mrkdwn` filter, so no field value can break the JSON or inject markup.
-Each template is compiled once per process.
+Each template is compiled once per process. A template is user code: it renders on a pool
+thread with a deadline (`render_pool`), in a sandbox that bounds what it can make
+(`render_guard`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +29,16 @@ from jinja2 import (
     TemplateSyntaxError,
     Undefined,
 )
-from jinja2.sandbox import SandboxedEnvironment
 
 from notifier.config import Route, Settings
 from notifier.digest import Digest, Member, OutboxItem
 from notifier.models import Event, LipsyncRequest
+from notifier.render_guard import BoundedEnvironment, render_bounded
+from notifier.render_pool import DeadlineExceeded, RenderPool
 
 ELLIPSIS = "…"
+# A render that takes longer fails (the design: "Hostile input never stops the notifier").
+RENDER_TIMEOUT_S = 2.0
 # Slack's limits for the parts of a message (https://api.slack.com/reference/block-kit).
 SLACK_MAX_BLOCKS = 50
 SLACK_HEADER_CHARS = 150
@@ -96,6 +102,12 @@ def sections(
     """Escaped mrkdwn lines packed into at most `most` texts of at most `limit` characters;
     when they do not all fit, the last text ends with `more` (`{n}`: the lines left out,
     of `total` when the lines are the first of more)."""
+
+    def tail(count: int) -> str:
+        # Not str.format: `more` comes from a template, and outside the sandbox format
+        # would read any attribute (`{n.__class__}`) and pad to any width.
+        return more.replace("{n}", str(count))
+
     groups: list[list[str]] = []
     for line in (_clip_escaped(line, limit) for line in lines):
         if groups and len("\n".join([*groups[-1], line])) <= limit:
@@ -107,10 +119,10 @@ def sections(
     left = (len(lines) if total is None else total) - sum(map(len, groups))
     if left and groups:
         last = groups[-1]
-        while last and len("\n".join([*last, more.format(n=left)])) > limit:
+        while last and len("\n".join([*last, tail(left)])) > limit:
             last.pop()
             left += 1
-        last.append(more.format(n=left))
+        last.append(tail(left))
     return ["\n".join(group) for group in groups]
 
 
@@ -185,38 +197,77 @@ def template_name(route: Route, status: str, exists: Callable[[str], bool]) -> s
 
 
 class Renderer:
-    """Renders events for routes with the templates of `NOTIFIER_TEMPLATES_DIR` and the bundle."""
+    """Renders events for routes with the templates of `NOTIFIER_TEMPLATES_DIR` and the bundle;
+    a render longer than `timeout_s` fails."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, timeout_s: float = RENDER_TIMEOUT_S) -> None:
         self._dirs = settings.template_dirs()
-        self._env = SandboxedEnvironment(
+        self._timeout_s = timeout_s
+        self._pool = RenderPool()  # its threads start with the first render
+        # Without a templates directory every template is one of ours, whose work grows only
+        # with the data: an event's renders in a few hundred µs on the caller's thread, as
+        # the hop to a pool thread would cost as much again. User templates, and digests
+        # (whose work grows with the batch), go to the pool and its deadline.
+        self._inline_events = settings.templates_dir is None
+        self._env = BoundedEnvironment(
+            filters={
+                "tojson": tojson,
+                "mrkdwn": mrkdwn,
+                "clip": clip,
+                "readable_time": readable_time,
+                "duration": duration,
+                "elapsed": elapsed,
+                "sections": sections,
+                "slack_link": slack_link,
+            },
             loader=FileSystemLoader(self._dirs),
             undefined=StrictUndefined,
             autoescape=False,
             auto_reload=False,  # compiled once: a running service does not re-read files
             keep_trailing_newline=False,
         )
-        self._env.filters.update(
-            tojson=tojson,
-            mrkdwn=mrkdwn,
-            clip=clip,
-            readable_time=readable_time,
-            duration=duration,
-            elapsed=elapsed,
-            sections=sections,
-            slack_link=slack_link,
-        )
         self._compiled: dict[str, Template] = {}
         self._names: dict[tuple[str, str], str] = {}
 
     def render(self, route: Route, item: OutboxItem) -> Message:
         """The body of an event or digest for `route`; `RenderError` naming the route, file
-        and line."""
+        and line, or saying that the render took too long."""
         name = self.template_for(route, item.status)
+        if self._inline(item):
+            return self._render(route, item, name)
+        try:
+            return self._pool.run(partial(self._render, route, item, name), self._timeout_s)
+        except DeadlineExceeded:
+            raise self._overrun(route, name) from None
+
+    async def render_async(self, route: Route, item: OutboxItem) -> Message:
+        """`render` for the event loop, which keeps running while the template renders."""
+        name = self.template_for(route, item.status)
+        if self._inline(item):
+            return self._render(route, item, name)
+        try:
+            return await self._pool.run_async(
+                partial(self._render, route, item, name), self._timeout_s
+            )
+        except DeadlineExceeded:
+            raise self._overrun(route, name) from None
+
+    def _inline(self, item: OutboxItem) -> bool:
+        """Whether `item` renders on the caller's thread: an event, with our templates only."""
+        return self._inline_events and not isinstance(item, Digest)
+
+    def _overrun(self, route: Route, name: str) -> RenderError:
+        return RenderError(
+            f"route {route.name!r}, template {name}: "
+            f"the render took longer than {self._timeout_s:g} s and was stopped"
+        )
+
+    def _render(self, route: Route, item: OutboxItem, name: str) -> Message:
+        """`render`'s work, on a pool thread (or inline, see `_inline`)."""
         template = self._template(route, name)
         where = f"route {route.name!r}, template {name}"
         try:
-            text = template.render(item.context())
+            text = render_bounded(template, item.context())
         except Exception as exc:  # a template is user code: any of its failures is theirs
             raise RenderError(f"{where}{self._origin(exc, name)}: {_first_line(exc)}") from None
         try:
@@ -269,6 +320,10 @@ class Renderer:
                 searched = ", ".join(str(directory) for directory in self._dirs)
                 raise RenderError(
                     f"route {route.name!r}: template {name} not found; searched {searched}"
+                ) from None
+            except Exception as exc:  # e.g. RecursionError: brackets nested thousands deep
+                raise RenderError(
+                    f"route {route.name!r}, template {name}: {_first_line(exc)}"
                 ) from None
             self._compiled[name] = template
         return template

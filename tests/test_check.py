@@ -281,6 +281,21 @@ BROKEN = {
         ("route 'ops'", "custom/", "not found"),
         toml=TOML_ROUTE,
     ),
+    "gigabyte-string-line-2": Broken(
+        CHECK_MISCONFIGURED,
+        (("route slack", "slack/completed.json.j2 (completed)"),),
+        ("route 'slack'", "slack/completed.json.j2", "line 2", "the limit is 4,194,304"),
+        templates={"slack/completed.json.j2": '{"text": "x",\n"n": {{ ("a" * 10**9) | length }}}'},
+    ),
+    "runaway-loop": Broken(
+        CHECK_MISCONFIGURED,
+        (("route slack", "slack/completed.json.j2 (completed)"),),
+        ("route 'slack'", "slack/completed.json.j2", "took longer than 2 s and was stopped"),
+        templates={
+            "slack/completed.json.j2": '{"text": "x"'
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}}"
+        },
+    ),
     "redis-unreachable": Broken(
         CHECK_UNREACHABLE,
         (("redis", "NOTIFIER_REDIS_URL"),),
