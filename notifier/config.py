@@ -35,6 +35,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from redis.asyncio.connection import parse_url as parse_redis_url
 
 ENV_PREFIX = "NOTIFIER_"
 API_KEY_ALIAS = "CHAMELAION_API_KEY"
@@ -125,8 +126,24 @@ def _secret_http_url(value: SecretStr) -> SecretStr:
 
 
 def _redis_url(value: SecretStr) -> SecretStr:
-    if urlsplit(value.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
+    # Checked here, so a typo is a configuration error of every command, not a traceback
+    # at the first connection. The messages never quote the URL: it may hold a password.
+    url = value.get_secret_value()
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    try:
+        options = parse_redis_url(url)
+    except ValueError as exc:
+        raise ValueError(f"is not a usable Redis URL: {str(exc).rstrip('.')}") from None
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("must name the Redis host, e.g. redis://redis:6379/0")
+        if options.get("port") == 0:
+            raise ValueError("the port must be between 1 and 65535")
+        database = parts.path.strip("/")
+        if database and not (database.isascii() and database.isdigit()):
+            raise ValueError("the path after the host must be a database number such as /0")
     return value
 
 
@@ -291,6 +308,12 @@ class Settings(BaseSettings):
         description="seconds after which an unfinished request is left to the full sweeps",
     )
     api_timeout: Seconds = Field(30, gt=0, description="seconds per API call, connecting included")
+    api_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="largest API response body read (bytes); a larger page is read again "
+        "with a smaller limit, down to 1",
+    )
     reference_id: str | None = Field(
         None, min_length=1, description="watch only requests with this reference_id"
     )

@@ -58,6 +58,12 @@ class Metrics:
         self.api_calls = Counter(
             "notifier_api_calls", "Calls to the Chamelaion API by outcome", ["outcome"], registry=r
         )
+        self.malformed_items = Counter(
+            "notifier_api_malformed_items",
+            "List items skipped because a field is missing, unreadable or implausible "
+            "(a timestamp before 1970 or more than 24 h ahead); counted each time listed",
+            registry=r,
+        )
         self.transitions = Counter(
             "notifier_transitions",
             "Status changes seen by the poller, by new status (not counting a baseline)",

@@ -51,7 +51,7 @@ def format_timestamp(value: datetime) -> str:
 # Written as UTC with a `Z`. Values keep the offset they were listed with (an aware
 # datetime is the same instant whatever its offset); only naive ones are made UTC.
 UtcDateTime = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]
-_TIMESTAMPS = ("created_at", "started_at", "finished_at")
+TIMESTAMP_FIELDS = ("created_at", "started_at", "finished_at")
 
 
 class LipsyncRequest(BaseModel):
@@ -77,7 +77,7 @@ class LipsyncRequest(BaseModel):
         # The API documents UTC, so a timestamp without an offset is taken to be UTC. One
         # check per request, not a validator per field: those were half the cost of
         # validating a page.
-        for name in _TIMESTAMPS:
+        for name in TIMESTAMP_FIELDS:
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 object.__setattr__(self, name, value.replace(tzinfo=UTC))

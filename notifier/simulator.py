@@ -62,6 +62,10 @@ class FaultKind(StrEnum):
     HTML = "html"  # 200 with an HTML error page, as a proxy in front of the API sends
     MALFORMED_ITEM = "malformed-item"  # item Fault.index gets Fault.value in Fault.field
     LATENCY = "latency"  # answer normally after Fault.delay seconds
+    # Hostile answers, as a broken or malicious server (or a proxy) might send them.
+    DEEP_JSON = "deep-json"  # 200 with `data` nested Fault.size arrays deep
+    HUGE_TOTAL = "huge-total"  # the real page, but pagination.total is Fault.size
+    BLOATED = "bloated"  # every item's error_message padded to Fault.size characters
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Fault:
     index: int = 0
     field: str = "created_at"
     value: Any = "not a timestamp"
+    size: int = 100_000  # DEEP_JSON: nesting depth; HUGE_TOTAL: the total; BLOATED: chars
 
 
 @dataclass
@@ -125,6 +130,7 @@ class Simulator:
     seed: int | None = None
     clock: Callable[[], datetime] = _now
     revoked_keys: set[str] = field(default_factory=set)  # answered 403 unauthorized
+    always: Fault | None = None  # a fault of every response no injected fault takes
     # Called with the call number before each list response is made, e.g. to create
     # requests in the middle of a listing.
     hooks: list[Callable[[int], None]] = field(default_factory=list)
@@ -327,19 +333,14 @@ class Simulator:
             limit = min(_int_param(request, "limit", DEFAULT_LIMIT, minimum=1), self.max_limit)
         except ValueError as exc:
             return _error(400, str(exc))
-        fault = self.faults.popleft() if self.faults else None
+        fault = self.faults.popleft() if self.faults else self.always
         if fault and fault.kind is FaultKind.LATENCY:
             await asyncio.sleep(fault.delay)
-        if fault and fault.kind is FaultKind.RATE_LIMIT:
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            return _error(429, "rate limit exceeded", headers)
-        if fault and fault.kind is FaultKind.SERVER_ERROR:
-            return _error(500, "internal error")
-        if fault and fault.kind is FaultKind.HTML:
-            return web.Response(status=200, text=_HTML_PAGE, content_type="text/html")
+        if fault and (broken := _broken(fault)):
+            return broken
         items, total = self.page(offset, limit, request.query.get("reference_id"))
-        if fault and fault.kind is FaultKind.MALFORMED_ITEM and fault.index < len(items):
-            items[fault.index][fault.field] = fault.value
+        if fault:
+            total = _spoil(fault, items, total)
         body = json.dumps(
             {"data": items, "pagination": {"limit": limit, "offset": offset, "total": total}}
         )
@@ -368,6 +369,36 @@ class Simulator:
 
 
 _HTML_PAGE = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+
+
+def _broken(fault: Fault) -> web.Response | None:
+    """The answer of a fault that replaces the page altogether, if it is one."""
+    match fault.kind:
+        case FaultKind.RATE_LIMIT:
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            return _error(429, "rate limit exceeded", headers)
+        case FaultKind.SERVER_ERROR:
+            return _error(500, "internal error")
+        case FaultKind.HTML:
+            return web.Response(status=200, text=_HTML_PAGE, content_type="text/html")
+        case FaultKind.DEEP_JSON:
+            nested = "[" * fault.size + "]" * fault.size
+            body = '{"data": ' + nested + ', "pagination": {"total": 1}}'
+            return web.Response(text=body, content_type="application/json")
+    return None
+
+
+def _spoil(fault: Fault, items: list[dict[str, str]], total: int) -> int:
+    """Apply a fault that changes the page's items in place; returns the total to report."""
+    match fault.kind:
+        case FaultKind.MALFORMED_ITEM if fault.index < len(items):
+            items[fault.index][fault.field] = fault.value
+        case FaultKind.HUGE_TOTAL:
+            return fault.size
+        case FaultKind.BLOATED:
+            for item in items:
+                item["error_message"] = (item.get("error_message") or "").ljust(fault.size, "x")
+    return total
 
 
 @contextlib.asynccontextmanager
@@ -432,6 +463,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tick", type=_at_least(0.0), default=1.0, help="seconds between steps (0 = frozen)"
     )
     parser.add_argument("--seed", type=int, help="random seed, for a reproducible account")
+    parser.add_argument(
+        "--fault",
+        type=FaultKind,
+        choices=list(FaultKind),
+        help="a fault every response suffers (for trying how a client copes)",
+    )
+    parser.add_argument(
+        "--fault-size", type=_at_least(0), default=Fault.size, help="its size (see FaultKind)"
+    )
+    parser.add_argument("--fault-index", type=_at_least(0), default=0, help="its item")
+    parser.add_argument("--fault-field", default=Fault.field, help="its field")
+    parser.add_argument("--fault-value", default=Fault.value, help="its value")
     return parser.parse_args(argv)
 
 
@@ -441,6 +484,15 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         order=args.order,
         max_limit=args.max_limit,
         seed=args.seed,
+        always=Fault(
+            args.fault,
+            index=args.fault_index,
+            field=args.fault_field,
+            value=args.fault_value,
+            size=args.fault_size,
+        )
+        if args.fault
+        else None,
     )
     simulator.backfill(args.requests)
     stop = asyncio.Event()

@@ -19,6 +19,7 @@ import aiohttp
 
 from notifier import USER_AGENT
 from notifier.backoff import parse_retry_after
+from notifier.bodies import read_at_most
 from notifier.config import Route, decode_webhook_secrets
 from notifier.models import Delivered, Permanent, Retry, SendResult
 from notifier.redact import Redactor, route_secrets
@@ -109,16 +110,6 @@ def _excerpt(body: str) -> str:
     return ": " + (text if len(text) <= REASON_BODY_CHARS else text[:REASON_BODY_CHARS] + "…")
 
 
-async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The body up to `limit` bytes (one `read` may return only the first chunk)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit and (chunk := await content.read(limit - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str:
     """The Standard Webhooks `webhook-signature` value: `v1,<base64 HMAC-SHA256>` per key."""
     signed = f"{message_id}.{timestamp}.".encode() + body
@@ -162,7 +153,7 @@ class Sink:
                 allow_redirects=False,
                 timeout=self._timeout,
             ) as response:
-                raw = await _read_at_most(response.content, MAX_ANSWER_BYTES)
+                raw = await read_at_most(response.content, MAX_ANSWER_BYTES)
                 body = self._redact(raw.decode(errors="replace"))
                 answer = Answer(response.status, response.headers, body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

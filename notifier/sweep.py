@@ -176,7 +176,14 @@ async def fetch_window(api: ApiClient, state: SweepState) -> Window:
         start = state.settled - size
         first = await api.fetch_page(start, api.page_size)
         end, expected = first.total, first.total - state.settled
-    step = first.returned if 0 < first.returned < api.page_size else api.page_size
+    if end - start > max(state.total, api.page_size):
+        # A full listing costs no more then, and it bounds what a wild total can make it
+        # fetch; a window over a claimed total would not.
+        raise WindowMismatch(
+            f"the window would hold {end - start} requests, more than the whole account "
+            f"held last cycle ({state.total})"
+        )
+    step = first.returned if 0 < first.returned < first.limit else api.page_size
     listing = api.listing()
     responses = [first, *await listing.fetch(range(start + max(first.returned, 1), end, step))]
     window, edge = _split(responses, first.total, state.edge_created)
@@ -197,7 +204,7 @@ async def fetch_window(api: ApiClient, state: SweepState) -> Window:
         )
     requests = list(window.values())
     observed = Observed()
-    observed.add(ListResponse(start, requests, [], first.total))
+    observed.add(ListResponse(start, requests, [], first.total, first.limit))
     return Window(requests, observed, first.total)
 
 

@@ -486,3 +486,146 @@ async def test_a_gateway_error_page_is_quoted_trimmed(canned: Callable[..., Any]
     assert type(error) is TransientApiError
     assert "HTTP 502: <html>bad gateway" in str(error)
     assert len(str(error)) < 400
+
+
+# Hostile answers: never a crash, never memory sized by the server's claims.
+
+
+async def test_json_nested_too_deep_to_parse_is_a_transient_error(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.create(3)
+    simulator.inject(Fault(FaultKind.DEEP_JSON, size=100_000))
+    error = await raised(api_url)
+    assert type(error) is TransientApiError
+    assert error.outcome == "invalid_response"
+    assert "is not JSON" in str(error)
+    assert "recursion limit" in str(error)
+
+
+async def test_an_error_body_nested_too_deep_is_quoted_not_parsed(
+    canned: Callable[..., Any],
+) -> None:
+    depth = 100_000
+    error = await raised(await canned(503, '{"error": ' + "[" * depth + "]" * depth + "}"))
+    assert type(error) is TransientApiError
+    assert "HTTP 503" in str(error)
+
+
+async def test_a_wild_total_costs_a_few_rounds_of_the_real_pages_not_its_size(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.create(30)
+    simulator.always = Fault(FaultKind.HUGE_TOTAL, size=10**12)
+    error = await raised(api_url, page_size=10, list_concurrency=4)
+    assert isinstance(error, ListingNotSettled)
+    assert "a page reported 1000000000000" in str(error)
+    # Each round reads the 3 real pages and at most concurrency + 2 empty ones past them.
+    assert simulator.calls <= (MAX_REFETCH_ROUNDS + 1) * (3 + 4 + 2)
+
+
+async def test_a_page_over_the_byte_limit_is_read_again_smaller_until_it_fits(
+    simulator: Simulator, api_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    simulator.create(10)
+    asked: list[int] = []
+    simulator.always = Fault(FaultKind.BLOATED, size=3000)  # ~3 KB an item
+
+    async with client(api_url, page_size=10, api_max_bytes=8 * 1024) as api:
+        original = api.fetch_page
+
+        async def spy(offset: int, limit: int) -> Any:
+            response = await original(offset, limit)
+            asked.append(response.limit)
+            return response
+
+        api.fetch_page = spy  # type: ignore[method-assign]
+        ids = await list_ids(api)
+    assert set(ids) == set(simulator.requests)
+    assert max(ids.values()) == 1
+    assert set(asked) == {2}  # 10 items are ~30 KB, 5 ~15 KB, 2 fit in 8 KiB
+    assert "larger than 8192 bytes (NOTIFIER_API_MAX_BYTES)" in caplog.text
+
+
+async def test_an_item_over_the_byte_limit_alone_fails_the_listing_as_too_large(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.create(2)
+    simulator.always = Fault(FaultKind.BLOATED, size=20_000)
+    error = await raised(api_url, api_max_bytes=8 * 1024)
+    assert isinstance(error, TransientApiError)
+    assert error.outcome == "too_large"
+    assert "with limit 1 is larger than 8192 bytes" in str(error)
+
+
+async def test_a_content_length_claim_does_not_size_the_read(
+    canned: Callable[..., Any],
+) -> None:
+    # aiohttp's server sets the real length; a body over the limit is refused by its size.
+    body = '{"data": [], "pagination": {"total": 0}, "pad": "' + "x" * 20_000 + '"}'
+    error = await raised(await canned(200, body), api_max_bytes=8 * 1024)
+    assert error.outcome == "too_large"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("created_at", "0001-01-01T00:00:00Z", "before 1970"),
+        ("created_at", "1969-12-31T23:59:59Z", "before 1970"),
+        ("created_at", "9999-12-31T23:59:59Z", "more than 24 h ahead"),
+        ("started_at", "0001-01-01T00:00:00+05:00", "before 1970"),
+        ("created_at", "9999-12-31T23:59:59-05:00", "more than 24 h ahead"),
+        ("finished_at", "2200-01-01T00:00:00Z", "more than 24 h ahead"),
+    ],
+)
+async def test_an_item_with_an_implausible_timestamp_is_skipped_and_counted(
+    simulator: Simulator,
+    api_url: str,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    field: str,
+    value: str,
+    why: str,
+) -> None:
+    simulator.create(4)
+    bad = simulator.page(0, 20)[0][1]["id"]
+    simulator.always = Fault(FaultKind.MALFORMED_ITEM, index=1, field=field, value=value)
+    async with client(api_url) as api:
+        first = await list_ids(api)
+        again = await list_ids(api)  # listed again: counted again, warned about once
+        skipped = api.metrics.malformed_items._value.get()
+    assert set(first) == set(again) == set(simulator.requests) - {bad}
+    assert skipped == 2
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert bad in warning.getMessage()
+    assert f"field {field!r}" in warning.getMessage()
+    assert why in warning.getMessage()
+
+
+async def test_a_timestamp_a_little_ahead_of_this_clock_is_kept(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.create(2)
+    ahead = datetime.now(UTC) + timedelta(hours=23)
+    simulator.always = Fault(FaultKind.MALFORMED_ITEM, field="created_at", value=ahead.isoformat())
+    async with client(api_url) as api:
+        assert len(await list_ids(api)) == 2
+
+
+async def test_after_a_page_too_large_later_calls_start_small_and_grow_back(
+    simulator: Simulator, api_url: str
+) -> None:
+    simulator.create(40)
+    simulator.always = Fault(FaultKind.BLOATED, size=3000)  # ~3 KB an item
+    async with client(api_url, page_size=20, api_max_bytes=8 * 1024) as api:
+        too_large = api.metrics.api_calls.labels("too_large")
+        await list_ids(api)
+        refused = too_large._value.get()
+        assert refused > 0
+        await list_ids(api)  # the second listing starts at the limit that fitted
+        assert too_large._value.get() == refused
+        simulator.always = None  # small items again: the limit doubles back to the page size
+        limits = []
+        for _ in range(5):
+            limits.append((await api.fetch_page(0, 20)).limit)
+    assert limits == [2, 4, 8, 16, 20]
