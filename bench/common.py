@@ -104,11 +104,16 @@ class SimulatorProcess:
 
 @contextmanager
 def simulator_process(
-    requests: int, key: str, *, seed: int = 1, max_limit: int | None = None
+    requests: int,
+    key: str,
+    *,
+    seed: int = 1,
+    max_limit: int | None = None,
+    options: Sequence[str] = (),
 ) -> Iterator[SimulatorProcess]:
     """`python -m notifier.simulator` in its own process, frozen (`--tick 0`), with `requests`
-    backfilled requests (newest first, the default order)."""
-    limit = ("--max-limit", str(max_limit)) if max_limit is not None else ()
+    backfilled requests (newest first, the default order) and more `options` (a fault)."""
+    limit = ("--max-limit", str(max_limit), *options) if max_limit is not None else options
     process = subprocess.Popen(
         [
             sys.executable,

@@ -135,8 +135,12 @@ def servers(latency_ms: float) -> Iterator[tuple[int, int]]:
 # The contenders.
 
 
-def make_settings(workdir: Path, receiver_url: str, concurrency: int, prefix: str) -> Settings:
-    """One signed webhook route to the receiver, as a user would configure it."""
+def make_settings(
+    workdir: Path, receiver_url: str, concurrency: int, prefix: str, own_templates: bool = False
+) -> Settings:
+    """One signed webhook route to the receiver, as a user would configure it; with
+    `own_templates`, a templates directory of the user's (an empty one: the bundled template
+    still renders, but as user templates do, on a pool thread with a deadline)."""
     config = workdir / "notifier.toml"
     config.write_text(
         "[[routes]]\n"
@@ -147,15 +151,25 @@ def make_settings(workdir: Path, receiver_url: str, concurrency: int, prefix: st
         f"max_concurrency = {concurrency}\n",
         encoding="utf-8",
     )
-    return load_settings({"config": str(config), "key_prefix": prefix})
+    flags = {"config": str(config), "key_prefix": prefix}
+    if own_templates:
+        (workdir / "templates").mkdir(exist_ok=True)
+        flags["templates_dir"] = str(workdir / "templates")
+    return load_settings(flags)
 
 
 async def full_path(
-    client: redis.asyncio.Redis, workdir: Path, receiver_url: str, count: int, concurrency: int
+    client: redis.asyncio.Redis,
+    workdir: Path,
+    receiver_url: str,
+    count: int,
+    args: argparse.Namespace,
 ) -> float:
     """Seconds one `deliver_due` took to deliver `count` fresh events; checked."""
     run = f"{next(PASSES):04x}"
-    settings = make_settings(workdir, receiver_url, concurrency, f"bench-delivery-{run}")
+    settings = make_settings(
+        workdir, receiver_url, args.concurrency, f"bench-delivery-{run}", args.own_templates
+    )
     outbox = Keys(settings.key_prefix).outbox
     await client.xgroup_create(outbox, ROUTE, "0", mkstream=True)
     queued = events(count, "completed")
@@ -227,7 +241,7 @@ async def measure(
 
     contenders: dict[str, Callable[[int], Awaitable[float]]] = {
         "bare": lambda n: bare_loop(url, message.body, headers, n, args.concurrency),
-        "full": lambda n: full_path(client, workdir, url, n, args.concurrency),
+        "full": lambda n: full_path(client, workdir, url, n, args),
     }
     best = dict.fromkeys(contenders, float("inf"))
     try:
@@ -252,6 +266,11 @@ def main() -> None:
         type=float,
         default=0.0,
         help="the receiver waits this long before answering (a real endpoint's round trip)",
+    )
+    parser.add_argument(
+        "--own-templates",
+        action="store_true",
+        help="set a templates directory: renders go to the pool thread, as user templates do",
     )
     parser.add_argument("--serve-receiver", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -279,6 +298,7 @@ def main() -> None:
         f"{n:,} deliveries per pass, concurrency {concurrency}, best of {args.runs}, "
         f"{os.cpu_count()} CPUs, redis-server {version}, receiver in its own process "
         f"answering after {args.receiver_latency_ms:g} ms, body {body_bytes} B"
+        + (", own templates (rendered on a pool thread)" if args.own_templates else "")
     )
     for label, seconds in (
         ("bare aiohttp POST loop", bare),

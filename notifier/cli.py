@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from notifier import __version__
 from notifier.config import ConfigError, Route, Settings, env_name, flag_name, load_settings
@@ -27,11 +27,40 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 SAMPLE_STATUSES = ("completed", "failed")
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 Handler = Callable[[argparse.Namespace, dict[str, Any]], int]
 
 
 class UsageError(Exception):
     """The command line itself is wrong: an unknown flag, a missing argument."""
+
+
+class Unavailable(Exception):
+    """A service the command needs cannot be reached now: exit 1, and try again later."""
+
+
+async def _with_redis(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """`work(client)` on a client of the configured Redis, closed afterwards; Redis failures
+    become a configuration error (credentials) or `Unavailable`, never a traceback."""
+    from redis.exceptions import RedisError  # noqa: PLC0415 - commands import what they need
+
+    from notifier.outages import reason  # noqa: PLC0415
+    from notifier.store import REDIS_REFUSED, credentials_refused, open_redis  # noqa: PLC0415
+
+    client = open_redis(settings)
+    try:
+        return await work(client)
+    except REDIS_REFUSED as exc:
+        raise credentials_refused(exc) from None
+    except (RedisError, OSError) as exc:
+        raise Unavailable(
+            f"Redis is unreachable ({reason(exc)}); check {env_name('redis_url')} and that "
+            f"Redis is running, then try again."
+        ) from None
+    finally:
+        await client.aclose()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,11 +108,19 @@ def _digest_routes(routes: list[Route], name: str | None) -> list[Route]:
 
 def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier.api import AuthError  # noqa: PLC0415 - commands import what they need
+    from notifier.check import check_routes  # noqa: PLC0415
     from notifier.service import run_service  # noqa: PLC0415
 
     settings = _load(flags)
     settings.require("api_key", "notifier run polls the Chamelaion API")
     _configured_routes(settings, None)
+    # A template that cannot render would dead-letter every event of its route: refuse to
+    # start instead, as `check` would have said.
+    if broken := [finding.result for finding in check_routes(settings) if not finding.passed]:
+        raise ConfigError(
+            f"{'; '.join(broken)}. notifier run renders every route's templates with sample "
+            f"data before it starts; fix the template (notifier check shows every route)."
+        )
     try:
         return asyncio.run(run_service(settings))
     except AuthError as exc:
@@ -93,6 +130,7 @@ def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier.api import AuthError  # noqa: PLC0415 - commands import what they need
     from notifier.once import run_once  # noqa: PLC0415
+    from notifier.store import REDIS_REFUSED, credentials_refused  # noqa: PLC0415
 
     settings = _load(flags)
     _require_redis(
@@ -107,6 +145,8 @@ def _once(args: argparse.Namespace, flags: dict[str, Any]) -> int:
         report = asyncio.run(run_once(settings))
     except AuthError as exc:
         raise ConfigError(f"{exc}; check {env_name('api_key')}.") from None
+    except REDIS_REFUSED as exc:
+        raise credentials_refused(exc) from None
     print(report.summary())
     return report.exit_code()
 
@@ -136,27 +176,25 @@ def _send_test(args: argparse.Namespace, flags: dict[str, Any]) -> int:
 def _dlq_list(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier import dlq  # noqa: PLC0415 - commands import what they need
     from notifier.keys import Keys  # noqa: PLC0415
-    from notifier.store import open_redis  # noqa: PLC0415
+    from notifier.redact import Redactor, secrets_of  # noqa: PLC0415
 
     settings = _load(flags)
     _require_redis(settings, "dlq", "reads the dead letters kept in Redis")
+    # A dead letter quotes what a receiver said, recorded under an older configuration
+    # maybe: blank this one's secrets in it too.
+    redact = Redactor(secrets_of(settings))
 
-    async def list_all() -> None:
-        client = open_redis(settings)
-        try:
-            async for dead_letter in dlq.DeadLetters(client, Keys(settings.key_prefix)).all():
-                print(json.dumps(dead_letter.as_json(), ensure_ascii=False))
-        finally:
-            await client.aclose()
+    async def list_all(client: Any) -> None:
+        async for dead_letter in dlq.DeadLetters(client, Keys(settings.key_prefix)).all():
+            print(redact(json.dumps(dead_letter.as_json(), ensure_ascii=False)))
 
-    asyncio.run(list_all())
+    asyncio.run(_with_redis(settings, list_all))
     return 0
 
 
 def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from notifier import dlq  # noqa: PLC0415 - commands import what they need
     from notifier.keys import Keys  # noqa: PLC0415
-    from notifier.store import open_redis  # noqa: PLC0415
 
     if bool(args.ids) == args.all:
         raise UsageError("notifier dlq replay: give dead-letter IDs or --all, not both or neither")
@@ -164,15 +202,11 @@ def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     _require_redis(settings, "dlq", "re-queues the dead letters kept in Redis")
     routes = [route.name for route in settings.routes]
 
-    async def replay() -> dlq.Replayed:
-        client = open_redis(settings)
-        try:
-            letters = dlq.DeadLetters(client, Keys(settings.key_prefix))
-            return await letters.replay(None if args.all else args.ids, routes)
-        finally:
-            await client.aclose()
+    async def replay(client: Any) -> dlq.Replayed:
+        letters = dlq.DeadLetters(client, Keys(settings.key_prefix))
+        return await letters.replay(None if args.all else args.ids, routes)
 
-    done = asyncio.run(replay())
+    done = asyncio.run(_with_redis(settings, replay))
     for dead_letter in done.replayed:
         print(f"replayed {dead_letter.id} to route {dead_letter.route}")
     if done.unrouted:
@@ -188,6 +222,15 @@ def _dlq_replay(args: argparse.Namespace, flags: dict[str, Any]) -> int:
             f"no dead letter with id {', '.join(done.missing)} (see notifier dlq list){others}."
         )
     return EXIT_USAGE if done.unrouted else 0
+
+
+def _healthcheck(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    from notifier.service import probe_health  # noqa: PLC0415 - commands import what they need
+
+    settings = load_settings(flags)  # no log lines: a probe's output is its one line
+    healthy, said = probe_health(settings)
+    print(said, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else EXIT_FAILED
 
 
 def _demo(args: argparse.Namespace, flags: dict[str, Any]) -> int:
@@ -276,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     add(
         commands,
+        "healthcheck",
+        _healthcheck,
+        "probe /healthz of the notifier running here, on its configured port (for Docker's "
+        "HEALTHCHECK); exit 0 if it answers",
+    )
+    add(
+        commands,
         "demo",
         _demo,
         "a tour of the whole flow: simulated API, in-memory store, console output",
@@ -294,8 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
     except ConfigError as exc:
         print(f"notifier: {exc}", file=sys.stderr)
+    except Unavailable as exc:
+        print(f"notifier: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except BrokenPipeError:
         # The reader went away (`notifier dlq list | head`): that is its choice, not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception:
+        # A bug of ours: its trace goes through the log formatter, which blanks secrets.
+        log.critical("notifier stopped on an internal error; please report it", exc_info=True)
+        return EXIT_FAILED
     return EXIT_USAGE

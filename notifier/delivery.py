@@ -26,6 +26,7 @@ from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Settings
 from notifier.keys import Keys
 from notifier.metrics import Metrics
+from notifier.outages import OutageLog
 from notifier.pacing import SlackSlot
 from notifier.queue import Backlog, Outbox, RouteQueue
 from notifier.render import Renderer
@@ -58,9 +59,12 @@ def sink_session() -> aiohttp.ClientSession:
 class Heartbeat:
     """This process's proof of life: while it lasts, no one takes its pending deliveries."""
 
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys, consumer: str) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, keys: Keys, consumer: str, redis_outage: OutageLog
+    ) -> None:
         self.redis = client
         self.key = keys.heartbeat(consumer)
+        self._redis_outage = redis_outage
         self.beating = asyncio.Event()  # set once a beat reached Redis: workers may read
 
     async def beat(self) -> None:
@@ -69,17 +73,15 @@ class Heartbeat:
         self.beating.set()
 
     async def keep(self, stop: asyncio.Event) -> None:
-        """Beat now and every third of the TTL until `stop` is set; failures are logged."""
-        failing = False
+        """Beat now and every third of the TTL until `stop` is set; failures are logged once
+        per outage, for the whole process."""
         while not stop.is_set():
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
-                if not failing:  # once per outage: the workers log their own failures
-                    log.warning("could not renew the delivery heartbeat: %s", exc)
-                failing = True
+                self._redis_outage.failed(exc)
             else:
-                failing = False
+                self._redis_outage.recovered()
             await sleep_unless(stop, HEARTBEAT_TTL_S / 3)
 
     async def end(self) -> None:
@@ -100,13 +102,15 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        redis_outage: OutageLog | None = None,
     ) -> None:
         self.consumer = consumer or consumer_name()
+        self.redis_outage = redis_outage = redis_outage or OutageLog("Redis")
         self.tally = Tally()
         self.metrics = metrics = metrics or Metrics()
         keys = Keys(settings.key_prefix)
         rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self.heartbeat = Heartbeat(client, keys, self.consumer)
+        self.heartbeat = Heartbeat(client, keys, self.consumer, redis_outage)
         self.outbox = Outbox(client, keys, clock)
         renderer, policy = Renderer(settings), RetryPolicy(settings, rng)
         self.workers = [
@@ -123,6 +127,7 @@ class Delivery:
                 delivery_timeout=settings.delivery_timeout,
                 rng=rng,
                 metrics=metrics,
+                redis_outage=redis_outage,
             )
             for route in settings.routes
         ]
@@ -176,11 +181,11 @@ class Delivery:
             try:
                 await self.maintain(trim=trim)
             except (RedisError, OSError) as exc:
-                delay = full_jitter(failures, *REDIS_BACKOFF, self._rng)
+                self.redis_outage.failed(exc)
+                await sleep_unless(stop, full_jitter(failures, *REDIS_BACKOFF, self._rng))
                 failures += 1
-                log.warning("delivery upkeep failed (%s); trying again in %.1f s", exc, delay)
-                await sleep_unless(stop, delay)
                 continue
+            self.redis_outage.recovered()
             failures = 0
             if trim:
                 next_trim = time.monotonic() + TRIM_EVERY_S

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from notifier.backoff import sleep_unless
 from notifier.keys import Keys
+from notifier.outages import OutageLog
 from notifier.store import load_script
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,15 @@ def lease_ttl(poll_interval: float) -> float:
 class Lease:
     """This process's claim on the lease of one namespace."""
 
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys, ttl_s: float) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        keys: Keys,
+        ttl_s: float,
+        redis_outage: OutageLog | None = None,
+    ) -> None:
         self.redis = client
+        self.redis_outage = redis_outage or OutageLog("Redis")
         self.key = keys.lease
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.token = uuid.uuid4().hex
@@ -74,8 +82,22 @@ class Lease:
                 return
             try:
                 if not await self.renew():
-                    log.warning("lost the polling lease to another replica; standing by")
+                    await self.say_who_holds_it()
                     return
             except (RedisError, OSError) as exc:
                 # Keep the claim: the store refuses writes if the key expires meanwhile.
-                log.warning("could not renew the polling lease: %s", exc)
+                self.redis_outage.failed(exc)
+            else:
+                self.redis_outage.recovered()
+
+    async def say_who_holds_it(self) -> None:
+        """Log why this process no longer holds the lease: another replica took it, or it
+        lapsed while Redis was out of reach (then this process takes it again)."""
+        try:
+            holder = await self.redis.get(self.key)
+        except (RedisError, OSError):
+            holder = None
+        if holder is None or holder == self.token:
+            log.info("the polling lease lapsed while Redis was out of reach; taking it again")
+        else:
+            log.warning("another replica holds the polling lease now; standing by")

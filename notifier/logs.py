@@ -8,8 +8,10 @@ no code logs one in the first place.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -20,6 +22,16 @@ from notifier.redact import Redactor, secrets_of
 # Extra fields a log line about a request or a delivery may carry, in JSON key order.
 FIELDS = ("route", "event_id", "request_id", "reference_id", "status", "entry_id", "attempt")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Characters that would let a logged value start a line of its own, or move the cursor:
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Lines of a traceback start with this, so none can pass for a log line of its own.
+TRACE_INDENT = "  | "
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 event`, `2 events`; `nouns` for a plural that is not `noun` + s."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def about(**fields: Any) -> dict[str, Any]:
@@ -27,8 +39,14 @@ def about(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as its escape (`\\n`, `\\x1b`)."""
+    return CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message`, secrets blanked."""
+    """`time LEVEL logger: message`, one line whatever the values hold, secrets blanked;
+    a traceback follows on lines that start with `TRACE_INDENT`."""
 
     def __init__(self, redact: Redactor) -> None:
         super().__init__(TEXT_FORMAT)
@@ -37,6 +55,25 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """The line, secrets blanked."""
         return self._redact(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The message line, its values' control characters escaped (a request id with a
+        newline in it cannot forge a line)."""
+        escaped = copy.copy(record)
+        escaped.message = escape_controls(record.message)
+        return super().formatMessage(escaped)
+
+    def formatException(self, ei: Any) -> str:
+        """The traceback, each line marked as part of the line above."""
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        """The stack, each line marked as part of the line above."""
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join(TRACE_INDENT + escape_controls(line) for line in text.splitlines())
 
 
 class JsonFormatter(logging.Formatter):

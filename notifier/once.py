@@ -15,9 +15,10 @@ from redis.exceptions import RedisError
 from notifier.api import ApiClient, ApiError, AuthError
 from notifier.config import Settings
 from notifier.delivery import Delivery, Tally, sink_session
-from notifier.poller import CycleResult, Poller
+from notifier.logs import plural
+from notifier.poller import CycleResult, Poller, describe
 from notifier.queue import Backlog
-from notifier.store import StoreRefused, open_redis
+from notifier.store import REDIS_REFUSED, StoreRefused, open_redis
 from notifier.tasks import running
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,12 @@ class OnceReport:
         else:
             kind = "baseline, " if self.cycle.baseline else ""
             listed, events = self.cycle.listed, self.cycle.events
-            cycle = f"cycle: {kind}{listed} requests listed, {events} events queued"
+            cycle = f"cycle: {kind}{plural(listed, 'request')} listed, "
+            cycle += f"{plural(events, 'event')} queued"
             if self.cycle.digests or self.cycle.waiting_batches:
                 cycle += (
-                    f", {self.cycle.digests} batch digests queued, "
-                    f"{self.cycle.waiting_batches} batches waiting to settle"
+                    f", {plural(self.cycle.digests, 'batch digest')} queued, "
+                    f"{plural(self.cycle.waiting_batches, 'batch', 'batches')} waiting to settle"
                 )
         t = self.tally
         delivery = (
@@ -67,7 +69,8 @@ class OnceReport:
         )
         if self.backlog is not None:
             b = self.backlog
-            delivery += f"; left: {b.retries} retries, {b.pending} pending, {b.unread} unread"
+            retries = plural(b.retries, "retry", "retries")
+            delivery += f"; left: {retries}, {b.pending} pending, {b.unread} unread"
         return "\n".join([cycle, delivery, *(f"failed: {why}" for why in self.failures)])
 
 
@@ -80,10 +83,11 @@ async def run_once(settings: Settings) -> OnceReport:
             await api.check_key()  # first: a rejected key is the only thing said
             try:
                 report.cycle = await _cycle(Poller(settings, client, api))
-            except AuthError:
-                raise
+            except (AuthError, *REDIS_REFUSED):
+                raise  # configuration errors: exit 2
             except (ApiError, StoreRefused, LeaseBusy, RedisError, OSError) as exc:
-                report.failures.append(f"poll cycle: {type(exc).__name__}: {exc}")
+                why = str(exc) if isinstance(exc, LeaseBusy) else describe(exc)
+                report.failures.append(f"poll cycle: {why}")
             await _deliver(Delivery(settings, client, session), report)
     finally:
         await client.aclose()
@@ -116,4 +120,4 @@ async def _deliver(delivery: Delivery, report: OnceReport) -> None:
         report.backlog = await delivery.backlog()
     except (RedisError, OSError) as exc:
         report.tally = delivery.tally
-        report.failures.append(f"delivery pass: {type(exc).__name__}: {exc}")
+        report.failures.append(f"delivery pass: {describe(exc)}")

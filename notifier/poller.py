@@ -24,7 +24,9 @@ from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
+from notifier.logs import plural
 from notifier.models import LipsyncRequest
+from notifier.outages import OutageLog, reason
 from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
 from notifier.sweep import Observed, SweepState, WindowMismatch, advance, fetch_window, learn
 from notifier.tasks import running, unless_stopped
@@ -43,7 +45,8 @@ SECONDS_PER_DAY = 86_400
 # Apply calls in flight at once: Redis runs one page's script while the notifier reads
 # and packs the next. Pages of a listing hold no request twice, so their order is free.
 APPLY_IN_FLIGHT = 2
-# Cycle failures a poller recovers from by waiting and polling again.
+# Cycle failures of the outside world: a poller recovers by waiting and polling again, and
+# their messages say what happened (any other exception is a bug of ours).
 RECOVERABLE = (TransientApiError, RateLimited, AuthError, UnexpectedResponse, StoreRefused)
 
 
@@ -84,15 +87,23 @@ class Poller:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        redis_outage: OutageLog | None = None,
     ) -> None:
         self.settings = settings
         self.api = api
         self.metrics = api.metrics
         self.store = Store(client, settings, clock)
         self._clock = clock
-        self.lease = Lease(client, self.store.keys, lease_ttl(settings.poll_interval))
+        # Redis trouble is said once for the whole process (see outages.py); the poller's
+        # own failures once per reason, and once when cycles complete again.
+        self.redis_outage = redis_outage or OutageLog("Redis")
+        self.lease = Lease(
+            client, self.store.keys, lease_ttl(settings.poll_interval), self.redis_outage
+        )
         self.rebaselines = 0  # times this process saw Redis lose its data
         self.last_error: str | None = None  # why the last cycle failed; None after a success
+        self._said: str | None = None
+        self._failures = 0
         self.rejected: AuthError | None = None  # the API rejects the key since the last success
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._epoch_id: str | None = None
@@ -112,10 +123,11 @@ class Poller:
             try:
                 held = await self.lease.acquire()
                 standby = 0.0 if held else await self._standby_wait()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis, or a bug of ours: neither may end polling
                 await sleep_unless(stop, self._failed(exc, failures))
                 failures += 1
                 continue
+            self.redis_outage.recovered()
             failures = 0
             if not held:
                 await sleep_unless(stop, standby)
@@ -215,9 +227,9 @@ class Poller:
                 # Stopping interrupts a cycle: each page was applied atomically or not at all.
                 result = await unless_stopped(self.cycle(), stop)
             except LeaseLost:
-                log.info("another replica holds the polling lease now; standing by")
+                await self.lease.say_who_holds_it()
                 return
-            except (*RECOVERABLE, RedisError, OSError) as exc:
+            except Exception as exc:  # any failure, a bug of ours too, is one failed cycle
                 self.metrics.cycles.labels("failed").inc()
                 delay = self._failed(exc, failures)
                 failures += 1
@@ -225,6 +237,7 @@ class Poller:
                 if result is None:
                     return
                 failures, self.last_error, self.rejected = 0, None, None
+                self._succeeded()
                 self._count(result, time.monotonic() - started)
                 delay = self.interval(result) - (time.monotonic() - started)
             await sleep_unless(stop, delay)
@@ -248,24 +261,45 @@ class Poller:
             metrics.transitions.labels(status).inc(count)
 
     def _failed(self, exc: Exception, failures: int) -> float:
-        """Record why a cycle failed and return how long to wait before the next one."""
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, RateLimited):
-            delay = exc.retry_after
-            if delay is None:
-                delay = full_jitter(failures, *TRANSIENT_BACKOFF, self._rng)
-            delay = min(delay, MAX_RATE_LIMIT_WAIT)
-            log.warning("the Chamelaion API rate-limited the poll cycle; waiting %.1f s", delay)
-            return delay
+        """Record why a cycle failed, say it once, and return how long to wait."""
+        self.last_error = describe(exc)
+        if isinstance(exc, RedisError | OSError):
+            self.redis_outage.failed(exc)
+            return full_jitter(failures, *TRANSIENT_BACKOFF, self._rng)
         if isinstance(exc, AuthError):
             self.rejected = exc
-        if isinstance(exc, AuthError | UnexpectedResponse):
-            delay = AUTH_BACKOFF[0] + full_jitter(failures, *AUTH_BACKOFF, self._rng)
-            log.error("poll cycle failed: %s; trying again in %.0f s", exc, delay)
-            return delay
-        delay = full_jitter(failures, *TRANSIENT_BACKOFF, self._rng)
-        log.warning("poll cycle failed: %s; trying again in %.1f s", self.last_error, delay)
+        delay = self._delay(exc, failures)
+        self._say(exc, delay)
         return delay
+
+    def _delay(self, exc: Exception, failures: int) -> float:
+        """How long to wait after a failed cycle: Retry-After, or backoff by kind."""
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            return min(exc.retry_after, MAX_RATE_LIMIT_WAIT)
+        if isinstance(exc, AuthError | UnexpectedResponse):
+            return AUTH_BACKOFF[0] + full_jitter(failures, *AUTH_BACKOFF, self._rng)
+        return full_jitter(failures, *TRANSIENT_BACKOFF, self._rng)
+
+    def _say(self, exc: Exception, delay: float) -> None:
+        """Log a failed cycle: the first of each reason loudly, repeats only at debug."""
+        self._failures += 1
+        message = self.last_error or ""
+        needs_a_person = isinstance(exc, AuthError | UnexpectedResponse)
+        level = logging.ERROR if needs_a_person else logging.WARNING
+        bug = not isinstance(exc, RECOVERABLE)  # its traceback helps whoever fixes it
+        if message == self._said:
+            level, bug = logging.DEBUG, False
+        self._said = message
+        log.log(
+            level, "poll cycle failed: %s; trying again in %.1f s", message, delay, exc_info=bug
+        )
+
+    def _succeeded(self) -> None:
+        """A cycle completed: say so if cycles had been failing."""
+        self.redis_outage.recovered()
+        if self._said is not None:
+            log.info("poll cycles complete again after %s", plural(self._failures, "failure"))
+        self._said, self._failures = None, 0
 
     async def _standby_wait(self) -> float:
         # Try again the moment the holder's lease would expire: takeover within one TTL.
@@ -317,20 +351,30 @@ async def _chunks(requests: list[LipsyncRequest], size: int) -> AsyncIterator[li
         yield requests[start : start + size]
 
 
+def describe(exc: BaseException) -> str:
+    """Why a cycle failed, as a person reads it: the error's words, not its class."""
+    if isinstance(exc, RECOVERABLE):
+        return str(exc)
+    if isinstance(exc, RedisError | OSError):
+        return f"Redis is unreachable ({reason(exc)})"
+    return f"internal error ({type(exc).__name__}: {exc}); please report this bug"
+
+
 def _log_cycle(result: CycleResult) -> None:
     if result.baseline:
         log.info(
-            "baseline complete: %d requests recorded, %d notified", result.listed, result.events
+            "baseline complete: %s recorded, %d notified",
+            plural(result.listed, "request"),
+            result.events,
         )
     elif result.events or result.silenced or result.digests:
         log.info(
-            "poll cycle: %d requests, %d changed, %d events queued, %d old requests not "
-            "notified, %d batch digests queued",
-            result.listed,
+            "poll cycle: %s, %d changed, %s queued, %s not notified, %s queued",
+            plural(result.listed, "request"),
             result.changed,
-            result.events,
-            result.silenced,
-            result.digests,
+            plural(result.events, "event"),
+            plural(result.silenced, "old request"),
+            plural(result.digests, "batch digest"),
         )
     else:
-        log.debug("poll cycle: %d requests, %d changed", result.listed, result.changed)
+        log.debug("poll cycle: %s, %d changed", plural(result.listed, "request"), result.changed)

@@ -21,6 +21,7 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from notifier.keys import Keys
+from notifier.logs import plural
 from notifier.store import load_script
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,9 @@ class RouteQueue:
                 self.orphaned.pop(0)  # nothing more there (or it came back to life)
             if entries:
                 log.info(
-                    "route %s: took over %d deliveries of stopped worker %s",
+                    "route %s: took over %s of stopped worker %s",
                     self.route,
-                    len(entries),
+                    plural(len(entries), "delivery", "deliveries"),
                     dead,
                 )
             taken += entries

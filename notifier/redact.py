@@ -8,7 +8,7 @@ receiver's answer through one of its route's secrets before quoting any of it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from notifier.config import Route, Settings
 
@@ -33,13 +33,33 @@ class Redactor:
 
 
 def url_secrets(url: str) -> list[str]:
-    """A secret URL, its path and query (a Slack webhook's token is its path), and its
-    password as written and decoded."""
+    """A secret URL and every part of it a receiver might echo: its path and query, each
+    path segment and query value, its user and password, as written and decoded (a Slack
+    webhook's token is its path; other services put theirs in the query). The redactor
+    skips the parts too short to be secrets."""
     parts = urlsplit(url)
-    values = [url, parts.path + (f"?{parts.query}" if parts.query else "")]
-    for credential in (parts.password, *parse_qs(parts.query).get("password", [])):
-        if credential:
-            values += [credential, unquote(credential)]
+    values = [url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.path, parts.query]
+    pieces = [*parts.path.split("/"), parts.username, parts.password]
+    pieces += [pair.partition("=")[2] for pair in parts.query.split("&")]
+    for piece in pieces:
+        if piece:
+            values += [piece, unquote(piece), unquote_plus(piece)]
+    return values
+
+
+def redis_url_secrets(url: str) -> list[str]:
+    """A Redis URL and its password, as written and decoded (in the user part or in a
+    `password` query value); its user, host and database are not secrets."""
+    parts = urlsplit(url)
+    passwords = [parts.password] + [
+        value
+        for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+        if name == "password"
+    ]
+    values = [url]
+    for password in passwords:
+        if password:
+            values += [password, unquote(password), unquote_plus(password)]
     return values
 
 
@@ -63,7 +83,7 @@ def secrets_of(settings: Settings) -> list[str]:
         if secret is not None:
             values += secret.get_secret_value().split()
     if settings.redis_url is not None:
-        values += url_secrets(settings.redis_url.get_secret_value())
+        values += redis_url_secrets(settings.redis_url.get_secret_value())
     for route in settings.routes:
         values += route_secrets(route)
     return values

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from notifier.backoff import full_jitter
 from notifier.config import Settings
+from notifier.logs import plural
 from notifier.models import Delivered, Permanent, Retry, SendResult
 
 # A Retry-After beyond a day is taken as a receiver's mistake rather than an instruction.
@@ -61,7 +62,7 @@ class RetryPolicy:
                 return GiveUp(reason)
             case Retry(after=after, reason=reason):
                 if attempt >= self.max_attempts:
-                    return GiveUp(f"{reason} (gave up after {attempt} attempts)")
+                    return GiveUp(f"{reason} (gave up after {plural(attempt, 'attempt')})")
                 delay = full_jitter(attempt - 1, self.base, self.cap, self._rng)
                 if after is not None:
                     delay = max(delay, min(after, MAX_RETRY_AFTER_S))

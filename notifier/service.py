@@ -16,19 +16,23 @@ import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import RedisError
 
 from notifier.api import ApiClient
 from notifier.config import ConfigError, Settings, env_name
 from notifier.delivery import Delivery, sink_session
+from notifier.logs import plural
+from notifier.outages import reason
 from notifier.poller import Poller
-from notifier.store import open_redis
+from notifier.store import REDIS_REFUSED, credentials_refused, open_redis
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ EXIT_BY_S = 8.5
 REDIS_PING_TIMEOUT_S = 0.8
 # Ready while some replica completed a poll cycle within this many poll intervals.
 READY_INTERVALS = 3
+# `notifier healthcheck` waits this long for /healthz (Docker's own timeout is 5 s).
+HEALTH_PROBE_TIMEOUT_S = 4.0
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - names, not a bind
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,8 @@ class Service:
         self.settings = settings
         self.redis = client
         self.metrics = api.metrics
-        self.poller = Poller(settings, client, api)
+        # One outage log for the process: Redis trouble is said once, not once per loop.
+        self.poller = Poller(settings, client, api, redis_outage=delivery.redis_outage)
         self.delivery = delivery
         self._stop: asyncio.Event | None = None  # set by run(): stopping means not ready
 
@@ -98,7 +106,7 @@ class Service:
                 await self.redis.ping()
                 last_ms = await self.redis.get(self.poller.store.keys.last_cycle)
         except (RedisError, OSError, TimeoutError) as exc:
-            return Readiness(False, f"Redis is unreachable ({type(exc).__name__})")
+            return Readiness(False, f"Redis is unreachable ({reason(exc)})")
         if (rejected := self.poller.rejected) is not None:
             return Readiness(
                 False,
@@ -150,16 +158,23 @@ class Shutdown:
     def __init__(self) -> None:
         self.stop = asyncio.Event()  # stop polling and reading
         self.cancel = asyncio.Event()  # cancel the sends still in flight, hand them back
+        self._signalled_once = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self) -> None:
-        """Handle SIGTERM and SIGINT from now on."""
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._signalled, signum)
+        """Handle SIGTERM and SIGINT from now on.
 
-    def _signalled(self, signum: int) -> None:
+        Python-level handlers, not the loop's: they run in the main thread at the next
+        bytecode even while the event loop is busy, so the exit deadline is armed whatever
+        the loop is doing; the graceful part is then handed to the loop.
+        """
+        self._loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._signalled)
+
+    def _signalled(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
-        if self.stop.is_set():
+        if self._signalled_once:
             log.warning(
                 "%s again: exiting now; deliveries this process held are taken over by "
                 "another replica or the next start (same webhook-id)",
@@ -167,6 +182,15 @@ class Shutdown:
             )
             _exit(128 + signum)
             return
+        self._signalled_once = True
+        # A thread, so a stuck event loop cannot keep the process past the deadline.
+        deadline = threading.Timer(EXIT_BY_S, _late_exit)
+        deadline.daemon = True
+        deadline.start()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_gracefully, name)
+
+    def _stop_gracefully(self, name: str) -> None:
         log.info(
             "%s: polling stopped; sends in flight have %g s to finish, then are handed back",
             name,
@@ -174,10 +198,6 @@ class Shutdown:
         )
         self.stop.set()
         asyncio.get_running_loop().call_later(GRACE_S, self.cancel.set)
-        # A thread, so a stuck event loop cannot keep the process past the deadline.
-        deadline = threading.Timer(EXIT_BY_S, _late_exit)
-        deadline.daemon = True
-        deadline.start()
 
 
 def _late_exit() -> None:
@@ -194,6 +214,25 @@ def _exit(code: int) -> None:
         with contextlib.suppress(Exception):
             handler.flush()
     os._exit(code)
+
+
+def probe_health(settings: Settings, timeout: float = HEALTH_PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """Ask /healthz of the service running on this host with these settings (the port from
+    flag, environment or TOML file alike); whether it answered 2xx, and what to say."""
+    if settings.http_port == 0:
+        return True, f"the HTTP server is off ({env_name('http_port')}=0): nothing to probe"
+    # A wildcard address listens on loopback too; a specific one only on itself.
+    host = settings.http_host if settings.http_host not in WILDCARD_HOSTS else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.http_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return True, f"healthy: {url} answered HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        return False, f"unhealthy: {url} answered HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, f"unhealthy: no answer from {url} ({reason})"
 
 
 async def run_service(settings: Settings) -> int:
@@ -222,8 +261,8 @@ async def _run(
         service = Service(settings, client, api, delivery)
         async with _serving(service, settings):
             log.info(
-                "notifier running: %d routes, polling every %g s, consumer %s",
-                len(settings.routes),
+                "notifier running: %s, polling every %g s, consumer %s",
+                plural(len(settings.routes), "route"),
                 settings.poll_interval,
                 delivery.consumer,
             )
@@ -231,9 +270,10 @@ async def _run(
 
 
 async def _check_api_key(api: ApiClient) -> None:
-    """A rejected key is a configuration error at start-up; an API that is down is not."""
+    """A rejected key is a configuration error at start-up; an API that is down is not
+    (the first poll cycle, a moment later, says so: once is enough)."""
     if (failure := await api.check_key()) is not None:
-        log.warning("the Chamelaion API failed at start-up (%s); polling keeps trying", failure)
+        log.debug("the Chamelaion API failed at start-up (%s); polling keeps trying", failure)
 
 
 async def _check_redis(client: redis.asyncio.Redis, settings: Settings) -> None:
@@ -245,12 +285,10 @@ async def _check_redis(client: redis.asyncio.Redis, settings: Settings) -> None:
         await client.ping()
         persistence = await client.info("persistence")
         memory = await client.info("memory")
-    except (AuthenticationError, AuthorizationError) as exc:
-        raise ConfigError(
-            f"Redis refused the credentials of {env_name('redis_url')}: {exc}."
-        ) from None
+    except REDIS_REFUSED as exc:
+        raise credentials_refused(exc) from None
     except (RedisError, OSError) as exc:
-        log.warning("Redis is unreachable at start-up (%s); waiting for it", exc)
+        log.warning("Redis is unreachable at start-up (%s); waiting for it", reason(exc))
         return
     if not int(persistence.get("aof_enabled", 0)):
         log.warning(

@@ -20,10 +20,10 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
-from notifier.config import Settings, env_name
+from notifier.config import ConfigError, Settings, env_name
 from notifier.keys import STATE_BUCKETS, Keys
 from notifier.models import LipsyncRequest, decode_status, encode_status
 
@@ -126,6 +126,19 @@ def open_redis(settings: Settings) -> redis.asyncio.Redis:
         )
         return memory_store()
     return connect_redis(settings.redis_url.get_secret_value())
+
+
+# Redis answers that mean the URL's credentials are wrong: a configuration error, not an
+# outage to wait out.
+REDIS_REFUSED = (AuthenticationError, AuthorizationError)
+
+
+def credentials_refused(exc: BaseException) -> ConfigError:
+    """The configuration error of a Redis that refuses the credentials of the URL."""
+    return ConfigError(
+        f"Redis refused the credentials of {env_name('redis_url')} ({exc}); check the user "
+        f"name and password in the URL."
+    )
 
 
 def memory_store() -> redis.asyncio.Redis:

@@ -21,9 +21,10 @@ from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Route
 from notifier.digest import Digest, OutboxItem, read_entry
 from notifier.dlq import dead_letter_fields
-from notifier.logs import about
+from notifier.logs import about, plural
 from notifier.metrics import Metrics
 from notifier.models import MalformedEvent, Retry
+from notifier.outages import OutageLog, reason
 from notifier.pacing import SlackSlot
 from notifier.queue import RouteQueue, Settlement, Work
 from notifier.render import Renderer, RenderError
@@ -121,6 +122,7 @@ class RouteWorker:
         delivery_timeout: float,
         rng: random.Random,
         metrics: Metrics,
+        redis_outage: OutageLog,
     ) -> None:
         self.route = route
         self.queue = queue
@@ -132,6 +134,7 @@ class RouteWorker:
         self._visibility_s = backstop_idle_s(delivery_timeout)
         self._rng = rng
         self._metrics = metrics
+        self._redis_outage = redis_outage
         self._sending = 0  # deliveries read and not yet attempted
         self._unsettled = 0  # attempted, outcome not yet recorded in Redis
         self._attempted: list[Attempted] = []  # outcomes waiting for the settler
@@ -155,17 +158,12 @@ class RouteWorker:
                         continue
                     taken = await self._take(BLOCK_S, check_retries=check_retries)
                     await self._start_all(taken)
-                except (RedisError, OSError) as exc:
-                    delay = full_jitter(failures, *REDIS_BACKOFF, self._rng)
+                except Exception as exc:  # Redis, or a bug of ours: neither may end delivery
+                    self._failed(exc)
+                    await sleep_unless(stop, full_jitter(failures, *REDIS_BACKOFF, self._rng))
                     failures += 1
-                    log.warning(
-                        "route %s: Redis failed (%s); trying again in %.1f s",
-                        self.route.name,
-                        exc,
-                        delay,
-                    )
-                    await sleep_unless(stop, delay)
                     continue
+                self._redis_outage.recovered()
                 failures = 0
                 if check_retries and not any(work.source == "retry" for work in taken):
                     next_retry_check = time.monotonic() + RETRY_CHECK_S
@@ -173,6 +171,13 @@ class RouteWorker:
                 await unless_stopped(self._all_sent(), cancel)
                 await self._cancel_sends()
             await self._idle()
+
+    def _failed(self, exc: Exception) -> None:
+        """Report a failed read: Redis trouble once for the process, a bug with its trace."""
+        if isinstance(exc, RedisError | OSError):
+            self._redis_outage.failed(exc)
+        else:
+            log.exception("route %s: reading deliveries failed; trying again", self.route.name)
 
     async def drain(self) -> None:
         """Deliver everything due now (retries due, orphans, unread entries), then return."""
@@ -312,9 +317,11 @@ class RouteWorker:
             # Shutting down: the receiver may or may not have it; send it again (same id).
             reason = "handed back at shutdown"
             outcome = Attempted(work, item, Later(0.0, reason), work.attempts, handed_back=True)
-        except Exception as exc:  # a bug must not keep the slot: try the delivery again later
+        except Exception as exc:  # a bug of ours: an attempt like any other, so it ends
+            # in the dead letters after retry_max_attempts instead of looping forever.
             log.exception("route %s: delivery of entry %s failed", self.route.name, work.entry_id)
-            outcome = Attempted(work, item, Later(0.0, f"internal error: {exc!r}"), attempt)
+            failure = Retry(None, f"internal error ({type(exc).__name__}: {exc})")
+            outcome = Attempted(work, item, self._policy.decide(attempt, failure), attempt)
         self._sending -= 1
         self._record(outcome)
 
@@ -327,7 +334,8 @@ class RouteWorker:
 
     async def _attempt(self, work: Work, item: OutboxItem, attempt: int) -> Attempted:
         try:
-            message = self._renderer.render(self.route, item)
+            # Off the event loop, with a deadline: a template is user code.
+            message = await self._renderer.render_async(self.route, item)
         except RenderError as exc:
             return Attempted(work, item, GiveUp(f"could not render: {exc}"), attempt)
         result = await self._sink.send(message)
@@ -375,11 +383,11 @@ class RouteWorker:
         self._unsettled -= len(batch)
         self._freed.set()
         log.error(
-            "route %s: could not record the outcome of %d deliveries (%s); they will be "
+            "route %s: could not record the outcome of %s (%s); they will be "
             "sent again later with the same webhook-id",
             self.route.name,
-            len(batch),
-            exc,
+            plural(len(batch), "delivery", "deliveries"),
+            reason(exc),
         )
 
     def _settled(self, batch: list[Attempted], settled: list[bool]) -> None:
@@ -457,10 +465,10 @@ def _log_outcome(route: Route, item: Attempted) -> None:
             )
         case GiveUp(reason=reason):
             log.error(
-                "route %s: %s dead-lettered after %d attempts: %s (see notifier dlq list)",
+                "route %s: %s dead-lettered after %s: %s (see notifier dlq list)",
                 route.name,
                 subject,
-                item.attempt,
+                plural(item.attempt, "attempt"),
                 reason,
                 extra=extra,
             )

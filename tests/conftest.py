@@ -94,15 +94,17 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 class RedisServer:
     """A redis-server process of the test session; tests may stop and restart it."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, password: str | None = None) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.password = password
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start on the same port as before (a restart keeps the URL) and wait for PING."""
@@ -112,6 +114,7 @@ class RedisServer:
                 *("--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no"),
                 *("--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")),
+                *(("--requirepass", self.password) if self.password else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -122,7 +125,9 @@ class RedisServer:
                 log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-server exited on port {self.port}:\n{log}")
             try:
-                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
+                with redis.Redis(
+                    port=self.port, password=self.password, socket_connect_timeout=0.2
+                ) as client:
                     client.ping()
                     return
             except redis.ConnectionError:
@@ -142,15 +147,31 @@ class RedisServer:
         self.process = None
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server for the whole session."""
+def redis_binary() -> str:
+    """The redis-server binary; the test is skipped without it, unless CI is set."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed, and CI must run the real-Redis tests")
         pytest.skip("redis-server is not installed (install it to run the real-Redis tests)")
-    server = RedisServer(binary, tmp_path_factory.mktemp("redis-server"))
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the whole session."""
+    server = RedisServer(redis_binary(), tmp_path_factory.mktemp("redis-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_with_password(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server that requires a password (`url` carries the right one)."""
+    server = RedisServer(
+        redis_binary(), tmp_path_factory.mktemp("redis-auth"), password="ZZLEAK-right-pw"
+    )
     server.start()
     yield server
     server.stop()

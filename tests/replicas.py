@@ -21,6 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+# `python -c LIMITED BYTES ARGS...`: the notifier with its address space capped (RLIMIT_AS)
+# before it imports anything; set by the child itself, as preexec_fn is unsafe in a
+# parent with threads.
+LIMITED = (
+    "import resource, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
+    "from notifier.cli import main; sys.exit(main(sys.argv[2:]))"
+)
 
 
 def parse_metrics(text: str) -> Samples:
@@ -46,6 +54,9 @@ class Replica:
     log: Path
     port: int = field(default_factory=free_port)
     process: asyncio.subprocess.Process | None = None
+    # Bytes of address space the process may map (RLIMIT_AS): a test of memory bounds
+    # fails with a MemoryError in the process instead of exhausting the machine.
+    memory_limit: int | None = None
 
     async def start(self) -> Replica:
         """Start the process (again, after it exited: same port, log appended)."""
@@ -55,9 +66,12 @@ class Replica:
             "NOTIFIER_HTTP_HOST": "127.0.0.1",
             "NOTIFIER_HTTP_PORT": str(self.port),
         }
+        command = [sys.executable, "-m", "notifier", "run"]
+        if self.memory_limit:
+            command[1:3] = ["-c", LIMITED, str(self.memory_limit)]
         with self.log.open("ab") as out:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "notifier", "run", env=env, stdout=out, stderr=out
+                *command, env=env, stdout=out, stderr=out
             )
         return self
 

@@ -35,6 +35,10 @@ RUNS = {
     "state_memory": (["--requests", "500"], "used_memory"),
     "delivery": (["--deliveries", "100", "--runs", "1"], "full path"),
     "digest": (["--requests", "500", "--batch", "50", "--rounds", "1"], "| settle step"),
+    "hostile": (
+        ["--requests", "20", "--seconds", "1", "--case", "deep-json"],
+        "| deep-json: JSON nested 100,000 levels deep |",
+    ),
 }
 
 

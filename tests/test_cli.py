@@ -13,6 +13,8 @@ import pytest
 from notifier import __version__
 from notifier.cli import build_parser, main
 
+from conftest import RedisServer
+
 API_KEY = "sk-live-ZZLEAK-api-key"
 SLACK_URL = "https://hooks.slack.com/services/T00/B00/ZZLEAK-slack-token"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-signing-key-bytes").decode()
@@ -169,3 +171,49 @@ def test_send_test_without_routes_exits_2() -> None:
         notifier("send-test", env={"NOTIFIER_API_KEY": API_KEY})
     )
     assert "no route is configured" in message
+
+
+# Redis: a malformed URL, refused credentials and an unreachable server are said in one
+# paragraph by every command that uses it, never with a traceback or the password.
+
+MALFORMED_REDIS_URLS = {
+    "redis://:ZZLEAK-pw@127.0.0.1:99999/0": "Port out of range",
+    "redis://:ZZLEAK-pw@127.0.0.1:6390/0?db=abc": "Invalid value for 'db'",
+    "redis://:ZZLEAK-pw@127.0.0.1:6390/notadb": "must be a database number",
+    "redis://:ZZLEAK-pw@:6390/0": "must name the Redis host",
+    "http://:ZZLEAK-pw@127.0.0.1:6390/0": "must be a redis://, rediss:// or unix:// URL",
+}
+REDIS_COMMANDS = [["run"], ["once"], ["check"], ["send-test"], ["dlq", "list"]]
+
+
+@pytest.mark.parametrize("command", REDIS_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize(("url", "fragment"), MALFORMED_REDIS_URLS.items())
+def test_a_malformed_redis_url_exits_2_in_every_command(
+    command: list[str], url: str, fragment: str
+) -> None:
+    result = notifier(*command, env={**CONFIGURED, "NOTIFIER_REDIS_URL": url})
+    message = assert_one_paragraph_without_secrets(result)
+    assert "NOTIFIER_REDIS_URL" in message
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "command", [["once"], ["dlq", "list"], ["dlq", "replay", "--all"]], ids=" ".join
+)
+def test_credentials_redis_refuses_exit_2_naming_the_setting(
+    redis_with_password: RedisServer, command: list[str]
+) -> None:
+    url = redis_with_password.url.replace("ZZLEAK-right-pw", "ZZLEAK-wrong-pw")
+    result = notifier(*command, env={**CONFIGURED, "NOTIFIER_REDIS_URL": url})
+    message = assert_one_paragraph_without_secrets(result)
+    assert "Redis refused the credentials of NOTIFIER_REDIS_URL" in message
+
+
+@pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "replay", "--all"]], ids=" ".join)
+def test_an_unreachable_redis_exits_1_with_one_paragraph(command: list[str]) -> None:
+    result = notifier(*command, env=CONFIGURED)  # port 1: nothing listens
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("notifier: Redis is unreachable (")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr

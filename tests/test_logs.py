@@ -115,6 +115,39 @@ def test_a_text_line_has_time_level_logger_and_message(settings: Settings) -> No
     assert line[:4].isdigit()  # the time comes first
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "abc\n2026-12-04 16:00:00,000 ERROR notifier.worker: forged",
+        "abc\r2026-12-04 16:00:00,000 ERROR notifier.worker: forged",
+        "abc\u20282026-12-04 16:00:00,000 ERROR notifier.worker: forged",
+        "abc\x1b[2K\x1b[1Gforged",
+    ],
+)
+def test_no_logged_value_can_forge_a_text_line(settings: Settings, value: str) -> None:
+    stream = configured(settings)
+    logging.getLogger("notifier.worker").warning("request %s delivered", value)
+    (line,) = stream.getvalue().split("\n")[:-1]
+    escaped = value.encode("unicode_escape").decode()  # ASCII but for the controls
+    assert line.endswith(f" WARNING notifier.worker: request {escaped} delivered")
+    assert not any(char in line for char in "\r\x1b\u2028")
+
+
+def test_a_traceback_follows_its_line_and_cannot_pass_for_a_line_of_its_own(
+    settings: Settings,
+) -> None:
+    stream = configured(settings)
+    try:
+        raise KeyError("a\n2026-12-04 16:00:00,000 INFO notifier: forged")
+    except KeyError:
+        logging.getLogger("notifier.worker").exception("delivery failed")
+    first, *trace = stream.getvalue().splitlines()
+    assert first.endswith(" ERROR notifier.worker: delivery failed")
+    assert trace[0] == "  | Traceback (most recent call last):"
+    assert all(line.startswith("  | ") for line in trace)
+    assert trace[-1].endswith("KeyError: 'a\\n2026-12-04 16:00:00,000 INFO notifier: forged'")
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_traceback_holding_a_secret_is_redacted(settings: Settings, log_format: str) -> None:
     stream = configured(settings, log_format)

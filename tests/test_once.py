@@ -134,7 +134,8 @@ async def test_once_exits_3_while_retries_are_scheduled(cron: Cron) -> None:
 
     assert ran.code == EXIT_LEFT, ran.stderr
     assert "1 scheduled for retry" in ran.stdout
-    assert "left: 1 retries" in ran.stdout
+    assert "left: 1 retry, 0 pending" in ran.stdout  # said in the singular
+    assert ran.stdout.startswith("cycle: 1 request listed, 1 event queued\n")
 
 
 async def test_once_exits_3_only_for_dead_letters_of_its_own_run(cron: Cron) -> None:

@@ -9,7 +9,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fakeredis
@@ -33,7 +33,6 @@ from notifier.simulator import Fault, FaultKind, Simulator
 from notifier.store import LeaseLost, connect_redis
 
 from conftest import RedisFactory, RedisServer, eventually
-from outage import Outage
 from polling import (
     NOTIFY_ON,
     expected_transitions,
@@ -44,6 +43,7 @@ from polling import (
     statuses,
     transitions,
 )
+from proxy import CutProxy
 from samples import SIMULATOR_KEY
 
 
@@ -120,6 +120,24 @@ async def test_a_baseline_that_races_new_requests_notifies_no_old_request(
         result = await poller.cycle()
         assert (result.events, result.silenced) == (1, 1)
         assert transitions(await outbox(poller)) == {(new.id, "failed", None): 1}
+
+
+@pytest.mark.parametrize("year", [9999, 1])
+async def test_an_implausible_created_at_never_enters_the_baseline_nor_fails_a_cycle(
+    redis_factory: RedisFactory, simulator: Simulator, api_url: str, year: int
+) -> None:
+    simulator.backfill(30)
+    (odd,) = simulator.create()
+    odd.created_at = datetime(year, 12, 31, tzinfo=UTC)  # far ahead, or Go's zero time
+    async with poller_of(make_settings(api_url), redis_factory()) as poller:
+        assert (await poller.cycle()).baseline
+        # A year-9999 newest would make every later request look older than the baseline.
+        (new,) = simulator.create()
+        simulator.fail(new.id)
+        result = await poller.cycle()
+        assert (result.events, result.silenced) == (1, 0)
+        assert transitions(await outbox(poller)) == {(new.id, "failed", None): 1}
+        assert poller.metrics.malformed_items._value.get() == 2  # skipped in both cycles
 
 
 async def test_a_baseline_that_fails_half_way_keeps_what_it_recorded(
@@ -356,7 +374,7 @@ async def test_a_standby_that_cannot_ask_redis_how_long_to_wait_backs_off_and_go
         async with running(standby) as task:
             await eventually(lambda: _true(asked >= 2), timeout=5)
             assert not task.done()
-            assert standby.last_error == "ConnectionError: Redis went away"
+            assert standby.last_error == "Redis is unreachable (Redis went away)"
 
 
 async def test_redis_restarting_empty_goes_back_to_a_silent_baseline(
@@ -405,13 +423,16 @@ async def test_a_new_baseline_after_lost_data_is_silent_even_with_notify_existin
         assert (again.baseline, again.events, poller.rebaselines) == (True, 0, 1)
 
 
-async def test_the_poller_recovers_when_redis_comes_back(
-    simulator: Simulator, api_url: str, redis_server: RedisServer
+async def test_the_poller_recovers_when_redis_comes_back_and_says_so_once(
+    simulator: Simulator,
+    api_url: str,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A real server behind a proxy the test cuts: the data survives the outage, and the
     # errors are those of a vanished server, whatever a fake connection would print.
-    async with Outage.serve(redis_server.port) as outage:
-        client = connect_redis(outage.url())
+    async with CutProxy.serve(redis_server.port) as proxy:
+        client = connect_redis(proxy.url())
         await client.flushall()
         simulator.backfill(40)
         try:
@@ -420,16 +441,23 @@ async def test_the_poller_recovers_when_redis_comes_back(
                 running(poller),
             ):
                 await eventually(lambda: client.exists(poller.store.keys.last_cycle))
-                outage.cut()
+                proxy.cut()
                 (request,) = simulator.create()
                 simulator.fail(request.id)
                 await eventually(lambda: _true(poller.last_error is not None))
-                outage.restore()
+                assert (poller.last_error or "").startswith("Redis is unreachable (")
+                await asyncio.sleep(0.8)  # longer than the lease lasts (0.5 s here)
+                proxy.restore()
                 await eventually(lambda: _queued(poller, 1))
                 await eventually(lambda: _true(poller.last_error is None))
                 assert poller.rebaselines == 0  # the data survived: no new baseline
         finally:
             await client.aclose()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert sum(line.startswith("Redis is unreachable") for line in said) == 1
+    assert sum(line.startswith("Redis is reachable again") for line in said) == 1
+    assert not any("another replica" in line for line in said)  # it was this one's lease
+    assert any("lapsed while Redis was out of reach" in line for line in said)
 
 
 async def test_the_poller_retries_through_api_errors_and_a_revoked_key(
@@ -449,7 +477,7 @@ async def test_the_poller_retries_through_api_errors_and_a_revoked_key(
         simulator.inject(Fault(FaultKind.INVALID_JSON))
         simulator.revoked_keys.add(SIMULATOR_KEY)
         await eventually(lambda: _true(poller.last_error is not None))
-        await eventually(lambda: _true("AuthError" in (poller.last_error or "")))
+        await eventually(lambda: _true("rejected the API key" in (poller.last_error or "")))
         (request,) = simulator.create()
         simulator.fail(request.id)
         simulator.revoked_keys.clear()
@@ -488,7 +516,11 @@ async def test_how_long_the_poller_waits_after_each_kind_of_failure(
         poller = Poller(settings, fakeredis.FakeAsyncRedis(), api, rng=random.Random(1))
         for _ in range(20):
             assert low <= poller._failed(error, failures) <= high
-        assert poller.last_error == f"{type(error).__name__}: {error}"
+        assert poller.last_error == (
+            f"Redis is unreachable ({error})"
+            if isinstance(error, RedisConnectionError)
+            else str(error)
+        )
 
 
 async def _true(value: bool) -> bool:

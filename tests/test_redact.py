@@ -12,6 +12,7 @@ from notifier.redact import (
     MIN_SECRET_LEN,
     REDACTED,
     Redactor,
+    redis_url_secrets,
     route_secrets,
     secrets_of,
     url_secrets,
@@ -97,13 +98,13 @@ def test_the_redactor_leaves_text_without_secrets_unchanged() -> None:
 
 
 def test_a_percent_encoded_password_is_blanked_as_written_and_decoded() -> None:
-    secrets = url_secrets("redis://user:p%40ssw0rd-ZZLEAK@redis.internal:6379/0")
+    secrets = redis_url_secrets("redis://user:p%40ssw0rd-ZZLEAK@redis.internal:6379/0")
     assert "p%40ssw0rd-ZZLEAK" in secrets
     assert "p@ssw0rd-ZZLEAK" in secrets
 
 
 def test_a_password_given_as_a_query_parameter_is_a_secret() -> None:
-    assert "hunter2-ZZLEAK" in url_secrets("redis://redis.internal/0?password=hunter2-ZZLEAK")
+    assert "hunter2-ZZLEAK" in redis_url_secrets("redis://redis.internal/0?password=hunter2-ZZLEAK")
 
 
 def test_the_token_of_an_authorization_header_is_blanked_on_its_own_too() -> None:
@@ -115,3 +116,33 @@ def test_the_token_of_an_authorization_header_is_blanked_on_its_own_too() -> Non
     )
     redact = Redactor(route_secrets(route))
     assert redact("token ZZLEAK-token-value refused") == f"token {REDACTED} refused"
+
+
+# Parts of a URL: whatever a receiver may echo of its own address.
+
+
+@pytest.mark.parametrize(
+    ("echoed", "why"),
+    [
+        ("/hooks/T0ZZLEAK/ZZLEAKtoken1", "the path without the query"),
+        ("ZZLEAKtoken1", "one path segment"),
+        ("ZZLEAK query/value", "a query value, decoded"),
+        ("ZZLEAK+query%2Fvalue", "a query value, as written"),
+        ("ZZLEAKuser", "the user"),
+        ("ZZLEAK pass", "the password, decoded"),
+    ],
+)
+def test_every_long_part_of_a_route_url_is_blanked(echoed: str, why: str) -> None:
+    url = (
+        "https://ZZLEAKuser:ZZLEAK%20pass@hooks.example.com/hooks/T0ZZLEAK/ZZLEAKtoken1"
+        "?team=ab&key=ZZLEAK+query%2Fvalue"
+    )
+    redact = Redactor(url_secrets(url))
+    assert redact(f"404: no route for {echoed}") == f"404: no route for {REDACTED}", why
+
+
+def test_short_parts_of_a_url_are_not_secrets_and_stay_readable() -> None:
+    redact = Redactor(url_secrets("https://hooks.example.com/v1/hook?team=ab"))
+    assert redact("the v1 hook of team ab at hooks.example.com") == (
+        "the v1 hook of team ab at hooks.example.com"
+    )

@@ -58,3 +58,8 @@ def test_the_last_attempt_gives_up_with_the_last_reason() -> None:
     assert policy.decide(3, RETRY) == GiveUp("HTTP 503 (gave up after 3 attempts)")
     assert policy.decide(1, Permanent("HTTP 400: bad")) == GiveUp("HTTP 400: bad")
     assert policy.decide(1, Delivered(204)) == Done("delivered (HTTP 204)")
+
+
+def test_a_single_attempt_is_said_in_the_singular() -> None:
+    policy = RetryPolicy(load_settings({"retry_max_attempts": "1"}), Highest())
+    assert policy.decide(1, RETRY) == GiveUp("HTTP 503 (gave up after 1 attempt)")

@@ -27,6 +27,8 @@ from samples import SIMULATOR_KEY
 MARK = "ZZLEAK"  # every secret below holds it; nothing the notifier prints may
 SLACK_PATH = "/services/T0ZZLEAK/B0ZZLEAK/ZZLEAKslacktoken"
 HOOK_PATH = "/hook/ZZLEAK-hook-token"
+# A query token, percent-encoded: a receiver may echo it decoded, or only the path.
+HOOK_QUERY = "?tenant=acme&token=ZZLEAKquery%2Ftoken"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"ZZLEAK-webhook-signing-key").decode()
 assert MARK in SIMULATOR_KEY
 
@@ -58,7 +60,11 @@ class Leaky:
 async def _quote_url(request: web.Request) -> web.Response:
     # A receiver that echoes what it got: its own URL, which holds the token.
     status = 400 if request.path.startswith("/services") else 500
-    return web.Response(status=status, text=f"invalid_token for {request.url} ({request.path})")
+    token = request.query.get("token")
+    return web.Response(
+        status=status,
+        text=f"invalid_token for {request.url} (path {request.path}, token {token})",
+    )
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ async def leaky(
             "NOTIFIER_API_KEY": SIMULATOR_KEY,
             "NOTIFIER_REDIS_URL": redis_server.url,
             "NOTIFIER_SLACK_WEBHOOK_URL": webhook_receiver.url(SLACK_PATH),
-            "NOTIFIER_WEBHOOK_URL": webhook_receiver.url(HOOK_PATH),
+            "NOTIFIER_WEBHOOK_URL": webhook_receiver.url(HOOK_PATH) + HOOK_QUERY,
             "NOTIFIER_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "NOTIFIER_POLL_INTERVAL": "0.5",
             "NOTIFIER_RETRY_BASE_DELAY": "0.1",
