@@ -35,9 +35,10 @@ USER 10001:10001
 EXPOSE 8080
 # On SIGTERM the service stops polling at once and exits 0 within 9 s: inside docker stop's 10 s.
 STOPSIGNAL SIGTERM
-# The slim image has no curl; Python's urllib probes /healthz on NOTIFIER_HTTP_PORT and exits
-# non-zero on a refused connection, a timeout or a status other than 2xx.
+# `notifier healthcheck` reads the settings as `notifier run` does (flag > environment > the
+# TOML file of NOTIFIER_CONFIG > default), so it probes /healthz on the port the service
+# listens on, and exits 1 on a refused connection, a timeout or a status other than 2xx.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('NOTIFIER_HTTP_PORT', '8080') + '/healthz', timeout=4)"]
+    CMD ["notifier", "healthcheck"]
 ENTRYPOINT ["notifier"]
 CMD ["run"]

@@ -6,23 +6,27 @@ from, how Redis keeps its data."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from notifier.config import load_settings
+from notifier.config import API_KEY_ALIAS, Settings, env_name, load_settings
+from notifier.service import HEALTH_PROBE_TIMEOUT_S
 
 from samples import API_KEY, NEW_SECRET, SLACK_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
+README = ROOT / "README.md"
 COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
 TOML = DEPLOY / "notifier.toml"
@@ -92,6 +96,46 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {entry["name"]: entry.get("value", entry.get("valueFrom")) for entry in container["env"]}
 
 
+def nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every mapping in a parsed YAML document, the document itself included, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from nodes(value)
+
+
+def k8s_nodes() -> Iterator[dict[str, Any]]:
+    """Every mapping in every Kubernetes manifest."""
+    for path in manifests():
+        for document in load_yaml(path):
+            yield from nodes(document)
+
+
+def pod_specs() -> list[dict[str, Any]]:
+    """The spec of every pod the manifests run (a Deployment's, a StatefulSet's template...)."""
+    return [node for node in k8s_nodes() if "containers" in node]
+
+
+def seconds(duration: str) -> float:
+    """A Compose duration (`5s`, `1m30s`, `300ms`) in seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", duration)
+    assert "".join(number + unit for number, unit in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def published_host_ip(port: str | int | dict[str, Any]) -> str | None:
+    """The host address a Compose port mapping publishes on; None for every interface."""
+    if isinstance(port, dict):  # the long syntax: {target, published, host_ip, protocol}
+        return port.get("host_ip")
+    # The short syntax: [[HOST_IP:]HOST_PORT:]CONTAINER_PORT[/PROTOCOL], an IPv6 host in [].
+    parts = str(port).partition("/")[0].rsplit(":", 2)
+    return parts[0].removeprefix("[").removesuffix("]") if len(parts) == 3 else None
+
+
 # --- Dockerfile ---
 
 
@@ -124,11 +168,33 @@ def test_the_image_runs_notifier_run() -> None:
     assert final_stage("STOPSIGNAL") == ["SIGTERM"]
 
 
-def test_the_healthcheck_probes_healthz_with_python_since_the_slim_image_has_no_curl() -> None:
+def test_the_healthcheck_runs_notifier_healthcheck_which_probes_the_configured_port() -> None:
+    # Not a port of its own: `notifier healthcheck` reads http_port as `notifier run` does,
+    # from a flag, the environment or the TOML file of NOTIFIER_CONFIG.
     (healthcheck,) = final_stage("HEALTHCHECK")
-    command = json.loads(healthcheck.partition(" CMD ")[2])
-    assert command[:2] == ["python", "-c"]
-    assert "/healthz" in command[2]
+    options, _, command = healthcheck.partition(" CMD ")
+    assert json.loads(command) == ["notifier", "healthcheck"]
+    assert options.split() == [
+        "--interval=30s",
+        "--timeout=5s",
+        "--start-period=20s",
+        "--retries=3",
+    ]
+
+
+def test_the_healthcheck_gives_up_on_healthz_before_docker_gives_up_on_it() -> None:
+    # Docker kills a probe at its timeout and reports no reason; the probe's own timeout,
+    # shorter, ends it with a message naming the URL.
+    (healthcheck,) = final_stage("HEALTHCHECK")
+    (timeout,) = re.findall(r"--timeout=(\S+)", healthcheck)
+    assert seconds(timeout) > HEALTH_PROBE_TIMEOUT_S
+
+
+def test_the_readme_names_the_dockerfiles_base_image() -> None:
+    (base,) = {stage[0][1].partition(" ")[0] for stage in stages()}
+    mentioned = re.findall(r"\bpython:3[\d.]*-slim(?:-[a-z]+)?", README.read_text())
+    assert mentioned, f"the README never names the base image {base}"
+    assert set(mentioned) == {base}
 
 
 def test_no_secret_is_baked_into_the_image() -> None:
@@ -170,10 +236,35 @@ def test_compose_redis_keeps_its_data_with_aof_on_a_named_volume_and_never_evict
     assert re.fullmatch(r"redis:7\.4\.\d+-alpine", redis["image"])
 
 
-def test_compose_starts_the_notifier_once_redis_answers_ping() -> None:
-    assert compose_service("redis")["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+def test_compose_starts_the_notifier_once_redis_has_loaded_its_data() -> None:
+    # While Redis loads its AOF it answers PING with LOADING: `redis-cli ping` exits 0 on
+    # that error reply, `redis-cli -e ping` exits 1.
+    assert compose_service("redis")["healthcheck"]["test"] == ["CMD", "redis-cli", "-e", "ping"]
     depends_on = compose_service("notifier")["depends_on"]
     assert depends_on == {"redis": {"condition": "service_healthy"}}
+
+
+def test_compose_gives_redis_5_minutes_to_load_a_large_aof_before_calling_it_unhealthy() -> None:
+    # Failures within start_period don't count; the first success ends it.
+    healthcheck = compose_service("redis")["healthcheck"]
+    start_period = seconds(healthcheck.get("start_period", "0s"))
+    retrying = seconds(healthcheck["interval"]) * healthcheck.get("retries", 3)
+    assert start_period + retrying >= 300
+
+
+def test_compose_publishes_every_port_on_loopback_only() -> None:
+    (compose,) = load_yaml(COMPOSE)
+    published = {
+        (name, str(port)): published_host_ip(port)
+        for name, service in compose["services"].items()
+        for port in service.get("ports", [])
+    }
+    assert ("notifier", "127.0.0.1:8080:8080") in published
+    for (name, port), host_ip in published.items():
+        assert host_ip is not None, f"{name} publishes {port} on every interface"
+        assert ipaddress.ip_address(host_ip).is_loopback, f"{name} publishes {port}"
+    for name, service in compose["services"].items():
+        assert service.get("network_mode") != "host", f"{name} shares the host's network"
 
 
 def test_compose_takes_the_api_key_from_the_environment_and_refuses_to_start_without_it() -> None:
@@ -194,7 +285,6 @@ def test_compose_waits_longer_than_the_shutdown_takes() -> None:
     notifier = compose_service("notifier")
     assert int(notifier["stop_grace_period"].removesuffix("s")) >= 10
     assert notifier["restart"] == "unless-stopped"
-    assert "8080:8080" in notifier["ports"]
 
 
 # --- deploy/notifier.toml ---
@@ -300,8 +390,28 @@ def test_the_deployment_reads_every_key_of_the_example_secret_and_no_other() -> 
     }
     assert {ref["name"] for ref in refs.values()} == {"chamelaion-notifier"}
     assert {ref["key"] for ref in refs.values()} == set(secret)
-    assert refs["NOTIFIER_SLACK_WEBHOOK_URL"].get("optional") is True
-    assert not refs["NOTIFIER_API_KEY"].get("optional")
+
+
+def test_every_secret_but_the_api_key_is_optional_so_a_missing_one_never_blocks_the_pod() -> None:
+    # A missing key of a non-optional secretKeyRef is CreateContainerConfigError: the pod
+    # never starts. Only the API key is required by the notifier's settings.
+    required = {env_name("api_key"), API_KEY_ALIAS}
+    settings = {env_name(field) for field in Settings.model_fields} | required
+    refs = [
+        (entry["name"], entry["valueFrom"]["secretKeyRef"])
+        for entry in k8s_nodes()
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    ]
+    # Secrets are read key by key (no envFrom), so every one is checked here.
+    assert len(refs) == sum("secretKeyRef" in node for node in k8s_nodes())
+    assert not any("secretRef" in node for node in k8s_nodes())
+    assert env_name("api_key") in dict(refs)
+    for name, ref in refs:
+        assert name in settings, f"{name} is no setting of the notifier"
+        if name in required:
+            assert not ref.get("optional"), f"{name} is required: the pod must wait for it"
+        else:
+            assert ref.get("optional") is True, f"{name} is optional in the notifier's settings"
 
 
 def test_the_deployment_uses_the_redis_service_and_logs_json() -> None:
@@ -321,6 +431,66 @@ def test_kubernetes_redis_keeps_its_data_with_aof_on_a_persistent_volume_and_nev
     assert "--maxmemory-policy noeviction" in args
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+
+
+def test_every_container_with_a_liveness_probe_has_at_least_5_minutes_to_start() -> None:
+    # The liveness probe runs only once the startup probe has passed: a Redis loading a large
+    # AOF, or a notifier waiting on a slow API at start-up, is not restarted meanwhile.
+    probed = [
+        container
+        for pod in pod_specs()
+        for container in pod["containers"]
+        if "livenessProbe" in container
+    ]
+    assert {container["name"] for container in probed} == {"notifier", "redis"}
+    for container in probed:
+        startup = container.get("startupProbe")
+        assert startup, f"{container['name']} has a liveness probe but no startup probe"
+        # Kubernetes' defaults: failureThreshold 3, periodSeconds 10.
+        window = startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10)
+        assert window >= 300, f"{container['name']} gets {window} s to start"
+
+
+def test_kubernetes_redis_is_started_and_ready_only_once_its_data_is_loaded() -> None:
+    # `redis-cli ping` exits 0 on the LOADING reply of a Redis that is loading its AOF;
+    # `redis-cli -e ping` exits 1.
+    statefulset = k8s("StatefulSet", "notifier-redis")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"] == ["redis-cli", "-e", "ping"], probe
+
+
+def test_nothing_in_kubernetes_is_reachable_from_outside_the_cluster() -> None:
+    services = [node for node in k8s_nodes() if node.get("kind") == "Service"]
+    assert services
+    for service in services:
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]
+    for pod in pod_specs():
+        assert not pod.get("hostNetwork")
+        for container in pod["containers"]:
+            for port in container.get("ports", []):
+                assert "hostPort" not in port, container["name"]
+
+
+def test_only_the_notifiers_pods_may_connect_to_redis() -> None:
+    # Redis has no password: any pod that reaches it could read or rewrite the state.
+    policy = k8s("NetworkPolicy", "notifier-redis")["spec"]
+    redis_pods = k8s("StatefulSet", "notifier-redis")["spec"]["template"]
+    notifier_pods = k8s("Deployment", "chamelaion-notifier")["spec"]["template"]
+    (redis,) = redis_pods["spec"]["containers"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_pods["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    assert source.keys() == {"podSelector"}
+    assert (
+        source["podSelector"]["matchLabels"].items() <= notifier_pods["metadata"]["labels"].items()
+    )
+    assert not source["podSelector"]["matchLabels"].items() <= (
+        redis_pods["metadata"]["labels"].items()
+    )
+    (port,) = rule["ports"]
+    assert port["port"] in {redis["ports"][0]["name"], redis["ports"][0]["containerPort"]}
 
 
 # --- secrets ---

@@ -1,17 +1,22 @@
 """A non-editable install works on its own: the wheel carries the templates and the entry points,
-and a fresh virtualenv set up as the Dockerfile sets up the image runs the service."""
+and a fresh virtualenv set up as the Dockerfile sets up the image runs the service; the image's
+HEALTHCHECK command probes the port the settings give."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
 import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -149,6 +154,94 @@ def healthcheck_command() -> list[str]:
     return json.loads(line.partition(" CMD ")[2])
 
 
+def healthcheck_with(notifier: list[str]) -> list[str]:
+    """The HEALTHCHECK command with its `notifier` program replaced by `notifier`."""
+    program, *args = healthcheck_command()
+    assert program == "notifier"
+    return [*notifier, *args]
+
+
+@contextlib.contextmanager
+def serving_healthz(status: int) -> Iterator[tuple[int, list[str]]]:
+    """A tiny HTTP server on a free 127.0.0.1 port that answers /healthz with `status`:
+    its port, and the paths it was asked for."""
+    asked: list[str] = []
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(status if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet: the test reads `asked`."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def image_healthcheck(config: Path) -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK command, run from this checkout with NOTIFIER_CONFIG naming
+    `config` and no other setting in the environment."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("NOTIFIER_", "CHAMELAION_"))
+    }
+    env |= {"NOTIFIER_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        healthcheck_with([sys.executable, "-m", "notifier"]),
+        env=env,
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("status", "exit_code"), [(200, 0), (204, 0), (503, 1)])
+def test_the_image_healthcheck_judges_healthz_on_the_http_port_of_the_toml_file(
+    tmp_path: Path, status: int, exit_code: int
+) -> None:
+    with serving_healthz(status) as (port, asked):
+        config = tmp_path / "notifier.toml"
+        config.write_text(f"http_port = {port}\n")  # the only setting: no API key, no route
+        result = image_healthcheck(config)
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    assert asked == ["/healthz"]
+    assert f"http://127.0.0.1:{port}/healthz" in result.stdout + result.stderr
+
+
+def test_the_image_healthcheck_fails_when_nothing_listens_on_the_http_port_of_the_toml_file(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = tmp_path / "notifier.toml"
+    config.write_text(f"http_port = {port}\n")
+    result = image_healthcheck(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"http://127.0.0.1:{port}/healthz" in result.stderr
+
+
+def test_the_image_healthcheck_passes_when_the_toml_file_turns_the_http_server_off(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "notifier.toml"
+    config.write_text("http_port = 0\n")
+    result = image_healthcheck(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "off" in result.stdout
+
+
 @pytest.mark.timeout(180)  # pip fetches the dependencies from the index: about 10 s here
 async def test_a_fresh_venv_set_up_like_the_image_runs_the_service_and_passes_its_healthcheck(
     wheel: Path, tmp_path: Path, simulator: Simulator, api_url: str
@@ -173,7 +266,7 @@ async def test_a_fresh_venv_set_up_like_the_image_runs_the_service_and_passes_it
         "NOTIFIER_WEBHOOK_URL": f"http://127.0.0.1:{free_port()}/hooks/lipsync",
         "NOTIFIER_HTTP_PORT": str(free_port()),
     }
-    healthcheck = [python if arg == "python" else arg for arg in healthcheck_command()]
+    healthcheck = healthcheck_with([notifier])
 
     async def healthy() -> bool:
         probe = await asyncio.create_subprocess_exec(
