@@ -137,3 +137,19 @@ def test_every_link_inside_the_readme_points_at_a_heading() -> None:
     anchors = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
     for target in re.findall(r"\]\(#([^)]+)\)", README):
         assert target in anchors, f"no heading for the link #{target}"
+
+
+def anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_the_table_of_contents_lists_every_section_in_order() -> None:
+    headings = re.findall(r"^(##+) (.+)$", README, re.M)
+    expected = [
+        f"{'  ' * (len(marks) - 2)}- [{title}](#{anchor(title)})"
+        for marks, title in headings
+        if len(marks) <= 3 and title != "Contents"
+    ]
+    listed = section("Contents").strip().splitlines()
+    assert listed == expected
