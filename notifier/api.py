@@ -141,7 +141,7 @@ class _LoosePage(BaseModel):
 class Skipped:
     """A malformed item of a list response, left out: where it was and why."""
 
-    index: int  # its position in the response
+    index: int  # its position among the response's items
     key: str  # its id, or "#<offset + index>" if it had none
     reason: str  # the field and what is wrong with it
 
@@ -171,15 +171,25 @@ class ListResponse:
     @property
     def returned(self) -> int:
         """Items in the response, skipped ones included: the next offset advances by this."""
-        return len(self.requests) + len(self.malformed)
+        return len(self.requests) + len(self.skipped)
+
+    @property
+    def positions(self) -> list[int]:
+        """Where each request stands in the listing (its offset), skipped items aside."""
+        if not self.skipped:
+            return list(range(self.offset, self.offset + len(self.requests)))
+        taken = {item.index for item in self.skipped}
+        return [self.offset + i for i in range(self.returned) if i not in taken]
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """Requests of one list response that no earlier page of the same listing held."""
+    """Requests of one list response that no earlier page of the same listing held, and
+    where each stands in the listing."""
 
     offset: int
     requests: list[LipsyncRequest]
+    positions: list[int]
 
 
 class ApiClient:
@@ -493,12 +503,16 @@ class Listing:
     def _accept(self, response: ListResponse) -> Page | None:
         if self._observe is not None:
             self._observe(response)
-        fresh = [request for request in response.requests if request.id not in self.seen]
-        self.seen.update(request.id for request in fresh)
+        fresh: dict[str, tuple[LipsyncRequest, int]] = {}
+        for request, position in zip(response.requests, response.positions, strict=True):
+            if request.id not in self.seen:
+                fresh.setdefault(request.id, (request, position))  # a page may repeat an id
+        self.seen.update(fresh)
         self.malformed.update(response.malformed)
-        if len(fresh) < len(response.requests):  # duplicates within the page itself
-            fresh = list({request.id: request for request in fresh}.values())
-        return Page(response.offset, fresh) if fresh else None
+        if not fresh:
+            return None
+        requests, positions = zip(*fresh.values(), strict=True)
+        return Page(response.offset, list(requests), list(positions))
 
 
 def _ascending_once(*ranges: range) -> Iterator[int]:
@@ -541,8 +555,8 @@ def _read_answer(
         requests, skipped, total = _salvage(body, offset, headers.get("Content-Type"))
     else:
         requests, skipped, total = page.data, [], page.pagination.total
-    if any(_implausible(request, latest) for request in requests):
-        requests, skipped = _screen(requests, skipped, offset, latest)
+    if not _plausible(requests, latest):
+        requests, skipped = _screen(requests, skipped, latest)
     return ListResponse(offset, requests, skipped, total, limit, len(body))
 
 
@@ -578,16 +592,28 @@ def _salvage(
 
 
 def _screen(
-    requests: list[LipsyncRequest], skipped: list[Skipped], offset: int, latest: datetime
+    requests: list[LipsyncRequest], skipped: list[Skipped], latest: datetime
 ) -> tuple[list[LipsyncRequest], list[Skipped]]:
     """Move the requests with an implausible timestamp to the skipped items."""
+    taken = {item.index for item in skipped}
+    indices = [i for i in range(len(requests) + len(skipped)) if i not in taken]
     kept, skipped = [], list(skipped)
-    for index, request in enumerate(requests):
+    for index, request in zip(indices, requests, strict=True):
         if reason := _implausible(request, latest):
             skipped.append(Skipped(index, request.id, reason))
         else:
             kept.append(request)
     return kept, skipped
+
+
+def _plausible(requests: list[LipsyncRequest], latest: datetime) -> bool:
+    """Whether every timestamp of `requests` lies between 1970 and `latest` (the fast check
+    of a whole page; `_implausible` says which one does not)."""
+    for request in requests:
+        for value in (request.created_at, request.started_at, request.finished_at):
+            if value is not None and not EARLIEST <= value <= latest:
+                return False
+    return True
 
 
 def _implausible(request: LipsyncRequest, latest: datetime) -> str | None:

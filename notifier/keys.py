@@ -44,8 +44,15 @@ class Keys:
 
     @cached_property
     def sweep(self) -> str:
-        """Hash of what the last cycle learned of the listing's order and settled part."""
+        """Hash of what the last cycle learned of the listing: its order, total, newest
+        request and where the safety net reads next."""
         return self._key("sweep")
+
+    @cached_property
+    def unfinished(self) -> str:
+        """Hash of every request last seen unfinished -> its created_at (unix ms) and where
+        the listing held it: what each cycle looks at, whatever its age."""
+        return self._key("unfinished")
 
     @cached_property
     def outbox(self) -> str:

@@ -96,6 +96,20 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Unfinished:
+    """A request last seen unfinished: when it was created and where the listing held it."""
+
+    created_ms: int
+    offset: int | None  # None: applied without a place (not from a listing)
+
+    @classmethod
+    def parse(cls, value: str) -> Unfinished:
+        """Read an entry of the unfinished index ("<created ms> <offset or nothing>")."""
+        created, _, offset = value.partition(" ")
+        return cls(int(created), int(offset) if offset else None)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredState:
     """The state kept for one request."""
 
@@ -180,7 +194,7 @@ class Store:
         self._clock = clock
         self._scripts = {
             name: load_script(client, name, common=True)
-            for name in ("begin", "apply", "finish", "prune", "digest", "prune_batches")
+            for name in ("begin", "apply", "finish", "prune", "digest", "prune_batches", "forget")
         }
         # Batches are tracked only for digest routes: without one, they would cost memory
         # and time for nothing.
@@ -193,14 +207,23 @@ class Store:
         epoch_id, phase, created = await self._run("begin", keys, args)
         return Epoch(id=epoch_id, baseline=phase == "baseline", created=bool(created))
 
-    async def apply(self, requests: Sequence[LipsyncRequest], epoch: Epoch, token: str) -> Applied:
-        """Diff one page against the stored state and queue its events, in one atomic call."""
+    async def apply(
+        self,
+        requests: Sequence[LipsyncRequest],
+        epoch: Epoch,
+        token: str,
+        positions: Sequence[int] | None = None,
+    ) -> Applied:
+        """Diff one page against the stored state and queue its events, in one atomic call;
+        `positions` (each request's offset in the listing) keep the unfinished index's
+        places up to date."""
         keys = [
             self.keys.epoch,
             self.keys.lease,
             self.keys.outbox,
             self.keys.batches,
             self.keys.open_batches,
+            self.keys.unfinished,
         ]
         args: list[Any] = [
             token,
@@ -212,14 +235,15 @@ class Store:
         ]
         packed: list[str] = []
         bucket_index: dict[str, int] = {}
-        for request in requests:
+        places = positions if positions is not None else [""] * len(requests)
+        for request, place in zip(requests, places, strict=True):
             bucket = self.keys.state_of(request.id)
             index = bucket_index.setdefault(bucket, len(keys) + 1)
             if index == len(keys) + 1:
                 keys.append(bucket)
             code = encode_status(request.status)
             packed.append(
-                f"{index} {request.created_ms} {_finished_s(request)} "
+                f"{index} {request.created_ms} {_finished_s(request)} {place} "
                 f"{len(request.id.encode())} {len(code.encode())} {request.id}{code}"
             )
         args.append("".join(packed))
@@ -319,6 +343,21 @@ class Store:
         for ref in refs:
             keys += [self.keys.batch(ref), self.keys.batch_results(ref)]
         return await self._run("prune_batches", keys, [token, epoch.id, cutoff, *refs])
+
+    async def unfinished(self) -> dict[str, Unfinished]:
+        """Every request last seen unfinished: its created_at and where it was listed."""
+        index = await self.redis.hgetall(self.keys.unfinished)
+        return {request_id: Unfinished.parse(value) for request_id, value in index.items()}
+
+    async def unfinished_count(self) -> int:
+        """How many requests were last seen unfinished."""
+        return await self.redis.hlen(self.keys.unfinished)
+
+    async def forget_unfinished(self, epoch: Epoch, token: str, request_ids: Sequence[str]) -> None:
+        """Stop looking for requests the listing no longer holds (their state stays)."""
+        if request_ids:
+            keys = [self.keys.epoch, self.keys.lease, self.keys.unfinished]
+            await self._run("forget", keys, [token, epoch.id, *request_ids])
 
     async def stored(self, request_id: str) -> StoredState | None:
         """The state kept for one request, or None if it has none."""

@@ -12,19 +12,24 @@
 -- of the requests that entered each status; or, writing nothing, 'SNAPSHOTS' and the
 -- positions in the page of the requests whose event needs the snapshot left empty.
 --
+-- Every request listed unfinished is kept in the unfinished index with its created_at and
+-- where the listing held it, so each cycle can look at it whatever its age; it leaves the
+-- index when it is listed finished.
+--
 -- With digest routes, a request with a reference_id is also a member of its batch: the
 -- batch counts its unfinished members, when a member last changed, its first created_at,
 -- and keeps each notified entry into a finished status as a result for the digests
 -- (see digest.lua).
 --
--- KEYS: 1 epoch, 2 lease, 3 outbox, 4 batches, 5 open batches, 6.. state buckets and
---       batch / batch-results pairs
+-- KEYS: 1 epoch, 2 lease, 3 outbox, 4 batches, 5 open batches, 6 unfinished index, 7.. state
+--       buckets and batch / batch-results pairs
 -- ARGV: 1 lease token, 2 epoch id, 3 notify_on codes, 4 detection unix ms, 5 route count n,
 --       6..5+n route names, 6+n the page's requests packed in one string (one argument
 --       per field cost the caller more than the rest of the call), 7+n the batch members
 --       among them (empty without digest routes), then position / snapshot pairs. Each
 --       request is "<bucket index in KEYS> <created_at unix ms> <finished unix s or
---       nothing> <bytes of id> <bytes of status code> " followed by the id and the code;
+--       nothing> <offset in the listing or nothing> <bytes of id> <bytes of status code> "
+--       followed by the id and the code;
 --       each member "<position in the page> <batch index in KEYS> <bytes of reference_id> "
 --       followed by the reference_id.
 local epoch, refused = guard(KEYS[2], ARGV[1], KEYS[1], ARGV[2],
@@ -48,12 +53,12 @@ local newest, horizon = tonumber(epoch[3]), tonumber(epoch[4])
 local packed, requests, snapshots = ARGV[6 + routes], {}, {}
 local at = 1
 while at <= #packed do
-  local _, stop, index, created, finished, id_bytes, code_bytes =
-    string.find(packed, '^(%d+) (%d+) (%d*) (%d+) (%d+) ', at)
+  local _, stop, index, created, finished, offset, id_bytes, code_bytes =
+    string.find(packed, '^(%d+) (%d+) (%d*) (%d*) (%d+) (%d+) ', at)
   local id_end = stop + tonumber(id_bytes)
   at = id_end + tonumber(code_bytes) + 1
   requests[#requests + 1] = {KEYS[tonumber(index)], string.sub(packed, stop + 1, id_end),
-    string.sub(packed, id_end + 1, at - 1), tonumber(created), finished, 0}
+    string.sub(packed, id_end + 1, at - 1), tonumber(created), finished, 0, nil, offset}
 end
 local members = ARGV[7 + routes]
 at = 1
@@ -136,10 +141,19 @@ for _, d in ipairs(decided) do
   end
   if r[6] > 0 then track(r, previous, stored, emit and FINISHED[code] and snapshots[d[7]]) end
   if quiet then silenced = silenced + 1 end
+  if FINISHED[code] and stored and not FINISHED[previous] then
+    redis.call('HDEL', KEYS[6], r[2])
+  end
   redis.call('HSET', r[1], r[2], accounted .. '|' .. r[5] .. '|' .. code)
   changed = changed + 1
   if not stored then first = first + 1 end
   if stored or not baseline then entered[code] = (entered[code] or 0) + 1 end
+end
+-- Where each unfinished request stands now, changed or not: the next cycle looks there.
+for _, r in ipairs(requests) do
+  if not FINISHED[r[3]] then
+    redis.call('HSET', KEYS[6], r[2], string.format('%d', r[4]) .. ' ' .. r[8])
+  end
 end
 if baseline and newest > tonumber(epoch[3]) then
   redis.call('HSET', KEYS[1], 'newest', newest)
