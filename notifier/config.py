@@ -296,16 +296,11 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="most API calls a second; halved after a 429, then recovering gradually",
     )
-    full_sweep_every: int = Field(
-        20,
+    safety_net_period: Seconds = Field(
+        3600,
         ge=1,
-        description="list the whole account every this many cycles (1: always); the cycles "
-        "between list only new and unfinished requests",
-    )
-    stalled_after: Seconds = Field(
-        21_600,
-        gt=0,
-        description="seconds after which an unfinished request is left to the full sweeps",
+        description="seconds over which the safety net reads the whole listing again, a "
+        "few pages a cycle (the API's rate allowing)",
     )
     api_timeout: Seconds = Field(30, gt=0, description="seconds per API call, connecting included")
     api_max_bytes: int = Field(

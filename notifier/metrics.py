@@ -50,9 +50,21 @@ class Metrics:
         )
         self.sweeps = Counter(
             "notifier_sweeps",
-            "How completed poll cycles read the listing: full, incremental, or an incremental "
-            "sweep rejected by its checks (a full sweep followed)",
+            "How completed poll cycles read the listing: full, incremental (the head, the "
+            "unfinished requests' pages and a slice of the safety net), or an incremental "
+            "cycle rejected because the listing did not hold what it predicted (a full one "
+            "followed)",
             ["kind"],
+            registry=r,
+        )
+        self.safety_net_pages = Counter(
+            "notifier_safety_net_pages",
+            "Pages the safety net read: over NOTIFIER_SAFETY_NET_PERIOD, the whole listing",
+            registry=r,
+        )
+        self.gone = Counter(
+            "notifier_unfinished_gone",
+            "Unfinished requests the listing no longer held (deleted): no longer looked for",
             registry=r,
         )
         self.api_calls = Counter(
@@ -119,6 +131,11 @@ class Metrics:
             "notifier_dead_letters", "Entries in the dead-letter stream", registry=r
         )
         self.tracked = Gauge("notifier_tracked_requests", "Requests with stored state", registry=r)
+        self.unfinished = Gauge(
+            "notifier_unfinished_requests",
+            "Requests last seen unfinished: every poll cycle reads the page of each",
+            registry=r,
+        )
 
     def delivered(self, route: str, outcome: str, latency_s: float | None) -> None:
         """Count one settled delivery; `latency_s` for a successful one."""
@@ -137,7 +154,8 @@ class Metrics:
         try:
             async with store.redis.pipeline(transaction=False) as pipe:
                 pipe.xlen(keys.outbox).xlen(keys.dead_letters).get(keys.last_cycle)
-                outbox, dead, last_cycle = await pipe.execute()
+                pipe.hlen(keys.unfinished)
+                outbox, dead, last_cycle, unfinished = await pipe.execute()
             backlogs = {queue.route: await queue.backlog() for queue in queues}
             tracked = await store.tracked()
         except (RedisError, OSError) as exc:
@@ -148,6 +166,7 @@ class Metrics:
         self.outbox.set(outbox)
         self.dead_letters.set(dead)
         self.tracked.set(tracked)
+        self.unfinished.set(unfinished)
         if last_cycle:
             self.last_cycle.set(int(last_cycle) / 1000)
         for route, backlog in backlogs.items():

@@ -13,22 +13,43 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from notifier.api import ApiClient, AuthError, RateLimited, TransientApiError, UnexpectedResponse
+from notifier.api import (
+    ApiClient,
+    AuthError,
+    ListResponse,
+    Page,
+    RateLimited,
+    TransientApiError,
+    UnexpectedResponse,
+)
 from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Settings
 from notifier.keys import STATE_BUCKETS
 from notifier.lease import Lease, lease_ttl
-from notifier.logs import plural
-from notifier.models import LipsyncRequest
+from notifier.logs import about, plural
 from notifier.outages import OutageLog, reason
 from notifier.store import Applied, Epoch, EpochChanged, LeaseLost, Store, StoreRefused
-from notifier.sweep import Observed, SweepState, WindowMismatch, advance, fetch_window, learn
+from notifier.sweep import (
+    Apply,
+    NetSlice,
+    Observed,
+    Steady,
+    SweepState,
+    WindowMismatch,
+    advance,
+    check_order,
+    learn,
+    net_budget,
+    net_slice,
+    pages_of,
+    read_steady,
+)
 from notifier.tasks import running, unless_stopped
 
 log = logging.getLogger(__name__)
@@ -60,7 +81,7 @@ class CycleResult:
     events: int = 0  # events appended to the outbox
     silenced: int = 0  # old requests first seen finished after the baseline, not notified
     pruned: int = 0  # finished requests forgotten after the retention
-    unfinished: int = 0  # requests listed unfinished (stalled ones aside)
+    unfinished: int = 0  # requests known unfinished after the cycle
     first_seen: int = 0  # requests that had no stored state
     entered: dict[str, int] = field(default_factory=dict)  # status -> requests entering it
     digests: int = 0  # batch digests appended to the outbox
@@ -150,13 +171,12 @@ class Poller:
         self._note_epoch(epoch)
         result = CycleResult(baseline=epoch.baseline)
         state = None if epoch.baseline else SweepState.parse(await self.store.sweep(), epoch.id)
-        learned = None
-        if state is not None and state.since_full + 1 < self.settings.full_sweep_every:
-            learned = await self._incremental(state, epoch, result)
+        learned = None if state is None else await self._steady(state, epoch, result)
         if learned is None:
             learned = await self._full(epoch, result)
+        result.unfinished = await self.store.unfinished_count()
         if self.settings.digest_routes:
-            # After a whole listing, so every member of a batch is known.
+            # After every unfinished request was looked at, so each batch's count is true.
             settled = await self.store.settle_batches(epoch, token)
             result.digests, result.waiting_batches = settled.digests, settled.waiting
         await self.store.finish(epoch, token, learned.fields() if learned else None)
@@ -166,48 +186,100 @@ class Poller:
         return result
 
     async def _full(self, epoch: Epoch, result: CycleResult) -> SweepState | None:
-        """List the whole account; returns what it showed of the listing, if usable."""
+        """List the whole account; returns what it showed of the listing, if usable. A known
+        unfinished request the whole listing lacks is no longer looked for."""
         observed = Observed()
         listing = self.api.listing(observed.add)
         async with contextlib.aclosing(aiter(listing)) as pages:
-            await self._apply((page.requests async for page in pages), epoch, result)
+            await self._apply(pages, epoch, result)
         result.listed = listing.distinct
-        result.unfinished = observed.live(self._stalled_before_ms())
+        if not epoch.created:  # a new namespace's index holds only what this listing saw
+            unfinished = await self.store.unfinished()
+            await self._forget(epoch, [rid for rid in unfinished if rid not in listing.seen])
         self.metrics.sweeps.labels("full").inc()
-        return learn(observed, epoch.id, listing.total, self._stalled_before_ms())
+        return learn(observed, epoch.id, listing.total, self._now_ms())
 
-    async def _incremental(
+    async def _steady(
         self, state: SweepState, epoch: Epoch, result: CycleResult
     ) -> SweepState | None:
-        """List only the unsettled part; None if it did not move as predicted (what was
-        applied stays applied: each page is a true picture of its requests)."""
+        """Read the head, every known unfinished request's page and a slice of the safety
+        net (see sweep.py); None if the listing did not hold what the state predicts (what
+        was applied stays applied: each page is a true picture of its requests)."""
+        calls = 0
+
+        async def apply(responses: list[ListResponse]) -> None:
+            nonlocal calls
+            calls += len(responses)
+            await self._apply(_each(pages_of(responses)), epoch, result)
+
         try:
-            window = await fetch_window(self.api, state)
-            seen_before = result.first_seen
-            await self._apply(_chunks(window.requests, self.api.page_size), epoch, result)
-            first_seen, grown = result.first_seen - seen_before, window.total - state.total
-            if first_seen != grown:
-                raise WindowMismatch(f"{first_seen} new requests, but the total grew by {grown}")
+            steady = await read_steady(self.api, state, await self.store.unfinished(), apply)
+            await self._forget(epoch, steady.gone)
+            # Last, so that it never holds back what the cycle read for detection.
+            net = await self._safety_net(state, steady, calls, apply)
         except WindowMismatch as exc:
-            log.info("incremental sweep rejected (%s); listing the whole account", exc)
+            log.info("steady cycle rejected (%s); listing the whole account", exc)
             self.metrics.sweeps.labels("rejected").inc()
             return None
-        result.listed = len(window.requests)
-        result.unfinished = window.observed.live(self._stalled_before_ms())
+        log.debug(
+            "steady cycle: %d head pages, %d unfinished requests found elsewhere, %d gone, "
+            "%d safety-net pages",
+            steady.head_pages,
+            steady.located,
+            len(steady.gone),
+            len(net.offsets),
+        )
         self.metrics.sweeps.labels("incremental").inc()
-        return advance(state, window.observed, window.total, self._stalled_before_ms())
+        result.listed = len(steady.listed)
+        return advance(state, steady, net, self._now_ms())
 
-    async def _apply(
-        self, pages: AsyncIterator[Sequence[LipsyncRequest]], epoch: Epoch, result: CycleResult
-    ) -> None:
+    async def _safety_net(
+        self,
+        state: SweepState,
+        steady: Steady,
+        calls: int,
+        apply: Apply,
+    ) -> NetSlice:
+        """Read the safety net's pages for this cycle, within its share of the API's rate;
+        `WindowMismatch` if one is out of the learned order."""
+        net = net_slice(
+            state,
+            steady.total,
+            self.api.page_size,
+            now_ms=self._now_ms(),
+            period_s=self.settings.safety_net_period,
+            most=net_budget(self.api.throttle.rate, self.settings.poll_interval, calls),
+        )
+        read = await self.api.listing().fetch(net.offsets)
+        check_order(read, state.order)
+        await apply(read)
+        steady.listed.update(request.id for response in read for request in response.requests)
+        self.metrics.safety_net_pages.inc(len(net.offsets))
+        return net
+
+    async def _forget(self, epoch: Epoch, gone: list[str]) -> None:
+        """Stop looking for unfinished requests the listing no longer holds, saying so."""
+        if not gone:
+            return
+        await self.store.forget_unfinished(epoch, self.lease.token, gone)
+        self.metrics.gone.inc(len(gone))
+        for request_id in gone:
+            log.warning(
+                "request %s was unfinished, and the listing no longer holds it (deleted?); "
+                "it is no longer looked for",
+                request_id,
+                extra=about(request_id=request_id),
+            )
+
+    async def _apply(self, pages: AsyncIterator[Page], epoch: Epoch, result: CycleResult) -> None:
         """Apply every page as it comes, APPLY_IN_FLIGHT calls at a time, into `result`;
         raises the first failure, of the listing or of a call, once the others are done."""
         running: set[asyncio.Task[Applied]] = set()
+        token = self.lease.token
         try:
-            async for requests in pages:
-                running.add(
-                    asyncio.ensure_future(self.store.apply(requests, epoch, self.lease.token))
-                )
+            async for page in pages:
+                apply = self.store.apply(page.requests, epoch, token, page.positions)
+                running.add(asyncio.ensure_future(apply))
                 await _collect(running, result, keep=APPLY_IN_FLIGHT - 1)
             await _collect(running, result, keep=0)
         finally:
@@ -215,9 +287,8 @@ class Poller:
             # page it applied (and a call cut off mid-reply would cost its connection).
             await asyncio.gather(*running, return_exceptions=True)
 
-    def _stalled_before_ms(self) -> int:
-        # The local clock, unlike the diff: a wrong guess only costs a wider window.
-        return round((self._clock() - self.settings.stalled_after) * 1000)
+    def _now_ms(self) -> int:
+        return round(self._clock() * 1000)
 
     async def _poll_while_held(self, stop: asyncio.Event) -> None:
         failures = 0
@@ -346,9 +417,9 @@ async def _collect(running: set[asyncio.Task[Applied]], result: CycleResult, kee
             result.add(task.result())
 
 
-async def _chunks(requests: list[LipsyncRequest], size: int) -> AsyncIterator[list[LipsyncRequest]]:
-    for start in range(0, len(requests), size):
-        yield requests[start : start + size]
+async def _each(pages: list[Page]) -> AsyncIterator[Page]:
+    for page in pages:
+        yield page
 
 
 def describe(exc: BaseException) -> str:

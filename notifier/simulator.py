@@ -175,6 +175,11 @@ class Simulator:
         self._newest_first = None
         return request
 
+    def delete(self, request_id: str) -> SimulatedRequest:
+        """Remove a request from the account: the listing no longer holds it."""
+        self._newest_first = None
+        return self.requests.pop(request_id)
+
     def start(self, request_id: str) -> SimulatedRequest:
         """Move a queued request to processing."""
         request = self._expect(request_id, "queued")

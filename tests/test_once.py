@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -223,3 +224,24 @@ async def test_once_without_a_route_exits_2(cron: Cron) -> None:
     ran = await cron.run("once", NOTIFIER_WEBHOOK_URL="", NOTIFIER_WEBHOOK_SECRET="")
     assert ran.code == EXIT_USAGE
     assert "no route is configured" in ran.stderr
+
+
+async def test_once_from_cron_sees_each_step_of_a_day_old_request_in_the_next_run(
+    cron: Cron,
+) -> None:
+    # A request that sat in the queue overnight, far from the head of the listing.
+    cron.simulator.backfill(500)
+    (old,) = cron.simulator.create(created_at=cron.simulator.clock() - timedelta(days=1))
+    assert (await cron.run("once")).code == EXIT_DONE  # the baseline
+
+    cron.simulator.start(old.id)
+    ran = await cron.run("once")
+    assert ran.code == EXIT_DONE, ran.stderr
+    assert cron.receiver.seen == []  # processing is not notified, but it is recorded
+
+    (expected,) = cron.finish([old])
+    ran = await cron.run("once")
+    assert ran.code == EXIT_DONE, ran.stderr
+    (seen,) = cron.receiver.seen
+    assert seen.event_id == expected
+    assert seen.json()["data"]["previous_status"] == "processing"
