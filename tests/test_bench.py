@@ -23,8 +23,11 @@ RUNS = {
     ),
     "compare": ([str(ROOT), "--requests", "300", "--rounds", "1"], "| wall |"),
     "sweep": (
-        ["--requests", "400", "--unfinished", "5", "--cycles", "2"],
-        "| newest-first | incremental | 1 |",
+        [
+            *("--requests", "400", "--days", "2", "--old", "4", "--recent", "4"),
+            *("--interval", "0.2", "--period", "3", "--orders", "newest-first"),
+        ],
+        "| newest-first | ",
     ),
     "latency": (
         ["--transitions", "5", "--duration", "3", "--requests", "50", "--poll-interval", "0.5"],
