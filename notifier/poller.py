@@ -60,7 +60,7 @@ TRANSIENT_BACKOFF = (1.0, 60.0)
 AUTH_BACKOFF = (30.0, 270.0)  # on top of the base: 30 s to 5 min
 # A Retry-After longer than this is taken as a mistake of the API, not an instruction.
 MAX_RATE_LIMIT_WAIT = 600.0
-# Each cycle prunes this many state buckets: a full sweep every 64 cycles, little work each.
+# Each cycle prunes this many state buckets: all of them every 64 cycles, little work each.
 PRUNE_BUCKETS_PER_CYCLE = 64
 SECONDS_PER_DAY = 86_400
 # Apply calls in flight at once: Redis runs one page's script while the notifier reads

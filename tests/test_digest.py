@@ -34,8 +34,8 @@ BATCH = "order-12345-japanese-dub"
 
 @dataclass
 class Clock:
-    """The poller's clock, moved by the test. It starts at the real time: the simulator
-    stamps requests with it, and a request that looks hours old is left to full sweeps."""
+    """The poller's clock, moved by the test. It starts at the real time, as the simulator
+    stamps requests with it: detection times and batch settling read it."""
 
     start: float = field(default_factory=time.time)
     now: float = 0.0
