@@ -13,7 +13,7 @@ compare CPU per delivery, the worst case for the full path.
 Full path: one webhook route to the receiver, signed with a whsec_ secret, with
 `max_concurrency` = `--concurrency`, configured through a TOML [[routes]] file and
 `load_settings`. Each pass uses a fresh key prefix: it creates the route's consumer
-group, XADDs `--deliveries` distinct completed events (`Event.to_fields`) in a pipeline,
+group, XADDs `--deliveries` distinct completed events (`outbox.entry_of`) in a pipeline,
 then times one `Delivery.deliver_due()` (outbox -> render -> sign -> POST -> ack), and
 checks that the tally and the receiver both count every delivery. Building the
 `Delivery` is outside the timing; compiling the template on its first render is inside.
@@ -54,6 +54,7 @@ from aiohttp import web
 from notifier.config import Settings, load_settings
 from notifier.delivery import Delivery, sink_session
 from notifier.keys import Keys
+from notifier.outbox import entry_of
 from notifier.render import Renderer
 from notifier.sinks import Sink
 
@@ -176,7 +177,7 @@ async def full_path(
     for start in range(0, count, XADD_BATCH):
         async with client.pipeline(transaction=False) as pipe:
             for event in queued[start : start + XADD_BATCH]:
-                pipe.xadd(outbox, event.to_fields())
+                pipe.xadd(outbox, entry_of(event))
             await pipe.execute()
     async with sink_session() as session:
         delivery = Delivery(settings, client, session)

@@ -27,7 +27,8 @@ import redis.asyncio
 
 from notifier.api import ApiClient
 from notifier.config import Settings, standalone_settings
-from notifier.digest import Digest, read_entry
+from notifier.digest import Digest
+from notifier.outbox import read_entry
 from notifier.poller import Poller
 from notifier.render import Renderer
 from notifier.simulator import Simulator

@@ -37,9 +37,9 @@ from datetime import timedelta
 
 from notifier.api import ApiClient
 from notifier.config import standalone_settings
-from notifier.digest import read_entry
 from notifier.keys import Keys
 from notifier.models import Event
+from notifier.outbox import read_entry
 from notifier.poller import Poller
 from notifier.simulator import Order, SimulatedRequest, Simulator
 from notifier.store import connect_redis

@@ -99,7 +99,7 @@ class ResponseTooLarge(TransientApiError):
         )
 
 
-class ListingNotSettled(TransientApiError):
+class ListingKeptChanging(TransientApiError):
     """Requests appeared or vanished faster than the listing could catch up with them."""
 
 
@@ -398,8 +398,8 @@ class Listing:
             if self.complete:
                 return
             stage, offsets = self._next_round(stage, found_more=self.distinct > before)
-        raise ListingNotSettled(
-            f"the listing did not settle after {MAX_REFETCH_ROUNDS} rounds of re-fetching: "
+        raise ListingKeptChanging(
+            f"the listing kept changing through {MAX_REFETCH_ROUNDS} rounds of re-fetching: "
             f"{self.distinct} distinct requests seen, but a page reported {self.total}; "
             "requests are changing faster than they can be listed"
         )

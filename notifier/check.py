@@ -16,9 +16,9 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 
 from notifier.api import ApiClient, ApiError, AuthError
 from notifier.config import Route, Settings, env_name
-from notifier.digest import OutboxItem
 from notifier.models import Delivered, Permanent, Retry, SendResult
 from notifier.outages import reason
+from notifier.outbox import OutboxItem
 from notifier.render import Renderer, RenderError, sample_digest, sample_event
 from notifier.sinks import Sink
 from notifier.store import connect_redis

@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 from notifier import __version__
 from notifier.config import ConfigError, Route, Settings, env_name, flag_name, load_settings
 from notifier.logs import configure_logging
+from notifier.models import COMPLETED, FINISHED
 
 # Exit codes of the contract: 0 done, 1 the poll cycle failed (API or Redis down),
 # 2 configuration or usage error or a rejected API key, 3 work left or dead-lettered.
@@ -25,7 +26,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
-SAMPLE_STATUSES = ("completed", "failed")
+SAMPLE_STATUSES = tuple(sorted(FINISHED))  # what send-test can send
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     send = add(commands, "send-test", _send_test, "deliver a sample notification now")
     send.add_argument("--route", metavar="NAME", help="only this route (default: every route)")
     sample = send.add_mutually_exclusive_group()
-    sample.add_argument("--status", choices=SAMPLE_STATUSES, default="completed")
+    sample.add_argument("--status", choices=SAMPLE_STATUSES, default=COMPLETED)
     sample.add_argument(
         "--digest", action="store_true", help="a sample batch digest, to every digest route"
     )

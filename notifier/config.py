@@ -37,10 +37,11 @@ from pydantic_settings import (
 )
 from redis.asyncio.connection import parse_url as parse_redis_url
 
+from notifier.models import COMPLETED, FAILED, STATUSES
+
 ENV_PREFIX = "NOTIFIER_"
 API_KEY_ALIAS = "CHAMELAION_API_KEY"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-KNOWN_STATUSES = ("queued", "processing", "completed", "failed")
 # Headers the sinks set themselves: the contract fixes their values, and a route
 # overriding them would break signatures or send a header twice.
 RESERVED_HEADERS = frozenset(
@@ -97,14 +98,14 @@ def _split_list(value: Any) -> Any:
 
 
 def _known_statuses(values: list[str]) -> list[str]:
-    unknown = [status for status in values if status not in KNOWN_STATUSES]
+    unknown = [status for status in values if status not in STATUSES]
     if unknown:
         raise ValueError(
             f"unknown status {', '.join(map(repr, unknown))}; "
-            f"expected some of {', '.join(KNOWN_STATUSES)}"
+            f"expected some of {', '.join(STATUSES)}"
         )
     if not values:
-        raise ValueError(f"at least one status is required, from {', '.join(KNOWN_STATUSES)}")
+        raise ValueError(f"at least one status is required, from {', '.join(STATUSES)}")
     return list(dict.fromkeys(values))
 
 
@@ -259,7 +260,7 @@ class Route(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Every setting of the notifier; see the README's configuration reference."""
+    """Every setting of the notifier; see docs/configuration.md, which a test keeps in step."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_ignore_empty=True)
 
@@ -312,9 +313,7 @@ class Settings(BaseSettings):
     reference_id: str | None = Field(
         None, min_length=1, description="watch only requests with this reference_id"
     )
-    notify_on: Statuses = Field(
-        ["completed", "failed"], description="statuses that fire notifications"
-    )
+    notify_on: Statuses = Field([COMPLETED, FAILED], description="statuses that fire notifications")
     notify_existing: bool = Field(
         False, description="on the first cycle, also notify requests already finished"
     )
@@ -586,7 +585,7 @@ def _origin(field: str, flags: dict[str, Any], path: Path | None) -> str:
 
 def _did_you_mean(key: str, known: dict[str, Any]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else " (see the configuration reference)"
+    return f" (did you mean {close[0]!r}?)" if close else " (see docs/configuration.md)"
 
 
 def _holds_secret(annotation: Any) -> bool:

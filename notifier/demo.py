@@ -299,5 +299,5 @@ def _conclude(console: Console, receiver: ConsoleReceiver) -> None:
     )
     console.print(
         "Next: set NOTIFIER_API_KEY and NOTIFIER_SLACK_WEBHOOK_URL or NOTIFIER_WEBHOOK_URL, "
-        "run `notifier check`, then `notifier run` (see the README)."
+        "run `notifier check`, then `notifier run` (see docs/deployment.md)."
     )

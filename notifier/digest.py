@@ -1,41 +1,24 @@
-"""Batch digests: the outbox entry `digest.lua` freezes when a batch settles, read back.
+"""Batch digests: what `digest.lua` freezes into the outbox when a batch settles.
 
-Per-request events and digests share the outbox; `read_entry` tells them apart. A
-digest's id and everything its body is rendered from are in the entry, so every retry,
-restart, replica and replay sends the same `webhook-id` and body.
+A digest's id and everything its body is rendered from are in its entry (`outbox.py`
+reads and writes it), so every retry, restart, replica and replay sends the same
+`webhook-id` and body.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
-from notifier.models import (
-    EVENT_NAMESPACE,
-    FIELD_DETECTED_MS,
-    Event,
-    LipsyncRequest,
-    MalformedEvent,
-    decode_status,
-    encode_status,
-    format_timestamp,
-)
+from notifier.models import EVENT_NAMESPACE, LipsyncRequest, format_timestamp
 
 DIGEST_TYPE = "lipsync.batch.settled"
 # Fixed forever, like EVENT_NAMESPACE: it names every digest's webhook-id.
 DIGEST_NAMESPACE = uuid.uuid5(EVENT_NAMESPACE, DIGEST_TYPE)
-# Field names of a digest's outbox entry, as digest.lua writes them. The route field
-# marks the entry as a digest: only that route sends it.
-FIELD_ROUTE = "d"
-FIELD_BATCH = "b"
-FIELD_MEMBERS = "m"
-FIELD_CREATED_MS = "c"
 # The fields of a member's per-request body after id, status and previous_status.
 PER_REQUEST_FIELDS = (
     "reference_id",
@@ -105,37 +88,6 @@ class Digest:
         finished = [m.request.finished_at for m in self.members if m.request.finished_at]
         return max(finished, default=None)
 
-    def to_fields(self) -> dict[str, str]:
-        """The outbox entry of this digest, as digest.lua writes it."""
-        parts = []
-        for member in self.members:
-            previous = encode_status(member.previous_status) if member.previous_status else ""
-            snapshot = member.request.snapshot()
-            parts.append(f"{_bytes(previous)} {_bytes(snapshot)} {previous}{snapshot}")
-        return {
-            FIELD_ROUTE: self.route,
-            FIELD_BATCH: self.reference_id,
-            FIELD_MEMBERS: "".join(parts),
-            FIELD_CREATED_MS: "" if self.created_ms is None else str(self.created_ms),
-            FIELD_DETECTED_MS: str(self.detected_ms),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, str]) -> Digest:
-        """Read a digest's outbox entry back; `MalformedEvent` if it is not one."""
-        try:
-            members = tuple(_members(fields[FIELD_MEMBERS]))
-            created = fields[FIELD_CREATED_MS]
-            return cls(
-                route=fields[FIELD_ROUTE],
-                reference_id=fields[FIELD_BATCH],
-                members=members,
-                created_ms=int(created) if created else None,
-                detected_ms=int(fields[FIELD_DETECTED_MS]),
-            )
-        except (KeyError, ValueError, ValidationError) as exc:
-            raise MalformedEvent(f"outbox entry is not a digest: {exc.__class__.__name__}") from exc
-
     def context(self) -> dict[str, Any]:
         """The variables a digest template sees: `digest` and `requests`, JSON-ready."""
         requests = [member.data() for member in self.members]
@@ -162,35 +114,3 @@ class Digest:
             f"digest {self.id} (reference_id {self.reference_id}, {len(self.members)} requests)"
         )
         return subject, {"event_id": self.id, "reference_id": self.reference_id}
-
-
-def _bytes(text: str) -> int:
-    return len(text.encode())
-
-
-def _members(packed: str) -> list[Member]:
-    """The members of a digest entry: "<bytes> <bytes> " then the previous status code and
-    the snapshot, one after another (lengths in bytes, as Lua counts them)."""
-    data, at, members = packed.encode(), 0, []
-    while at < len(data):
-        head_end = data.index(b" ", data.index(b" ", at) + 1)
-        previous_bytes, snapshot_bytes = map(int, data[at:head_end].split(b" "))
-        start = head_end + 1
-        previous = data[start : start + previous_bytes].decode()
-        snapshot = data[start + previous_bytes : start + previous_bytes + snapshot_bytes]
-        if len(snapshot) != snapshot_bytes:
-            raise ValueError("a digest member is cut short")
-        request = LipsyncRequest.model_validate_json(snapshot)
-        members.append(Member(request, decode_status(previous) or None))
-        at = start + previous_bytes + snapshot_bytes
-    return members
-
-
-OutboxItem = Event | Digest
-
-
-def read_entry(fields: Mapping[str, str]) -> OutboxItem:
-    """An outbox entry as the event or digest it holds; `MalformedEvent` if neither."""
-    if FIELD_ROUTE in fields:
-        return Digest.from_fields(fields)
-    return Event.from_fields(fields)

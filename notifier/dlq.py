@@ -15,10 +15,10 @@ from typing import Any
 
 import redis.asyncio
 
-from notifier.digest import OutboxItem, read_entry
 from notifier.keys import Keys
 from notifier.models import Event, MalformedEvent, format_timestamp
-from notifier.queue import Fields, Work, retry_payload
+from notifier.outbox import Fields, OutboxItem, read_entry, retry_payload
+from notifier.queue import Work
 from notifier.store import load_script
 
 # Field names of a dead letter besides the outbox entry's own (r, p, t; a digest's d, b,

@@ -138,7 +138,7 @@ class Metrics:
         )
 
     def delivered(self, route: str, outcome: str, latency_s: float | None) -> None:
-        """Count one settled delivery; `latency_s` for a successful one."""
+        """Count one resolved delivery; `latency_s` for a successful one."""
         self.deliveries.labels(route, OUTCOME_LABELS.get(outcome, outcome)).inc()
         if latency_s is not None:
             self.latency.labels(route).observe(max(0.0, latency_s))

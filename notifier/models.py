@@ -8,27 +8,26 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
 
 # Fixed forever: changing it would change every webhook-id, and receivers that
 # de-duplicate on webhook-id would see old events as new.
 EVENT_NAMESPACE = uuid.UUID("9d8d0f70-7a4b-4c13-bc4b-7fd2470ff927")
 
-# Field names of an outbox stream entry. Short because the outbox holds one entry per
-# pending event; the store's Lua script writes the same names.
-FIELD_REQUEST = "r"
-FIELD_PREVIOUS_STATUS = "p"
-FIELD_DETECTED_MS = "t"
-
+# The statuses the API documents, in the order a request goes through them: the one
+# vocabulary of the notifier (settings, the store, the simulator, samples).
+QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
+STATUSES = (QUEUED, PROCESSING, COMPLETED, FAILED)
+# A request in one of these no longer changes (apply.lua's FINISHED holds their codes).
+FINISHED = frozenset({COMPLETED, FAILED})
 # Request state is kept for every request of an account, so a known status is stored as
 # one letter; any other status is kept whole behind "~" (the API may add statuses).
-STATUS_CODES = {"queued": "q", "processing": "p", "completed": "c", "failed": "f"}
+STATUS_CODES = {QUEUED: "q", PROCESSING: "p", COMPLETED: "c", FAILED: "f"}
 _STATUS_NAMES = {code: status for status, code in STATUS_CODES.items()}
 UNKNOWN_STATUS_MARK = "~"
 
@@ -139,27 +138,6 @@ class Event:
     def detected_at(self) -> datetime:
         """When the transition was detected."""
         return datetime.fromtimestamp(self.detected_ms / 1000, tz=UTC)
-
-    def to_fields(self) -> dict[str, str]:
-        """The outbox stream entry for this event."""
-        return {
-            FIELD_REQUEST: self.request.snapshot(),
-            FIELD_PREVIOUS_STATUS: encode_status(self.previous_status)
-            if self.previous_status
-            else "",
-            FIELD_DETECTED_MS: str(self.detected_ms),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, str]) -> Event:
-        """Read an outbox stream entry back; raise `MalformedEvent` if it is not one."""
-        try:
-            request = LipsyncRequest.model_validate_json(fields[FIELD_REQUEST])
-            detected_ms = int(fields[FIELD_DETECTED_MS])
-            previous = decode_status(fields[FIELD_PREVIOUS_STATUS]) or None
-        except (KeyError, ValueError, ValidationError) as exc:
-            raise MalformedEvent(f"outbox entry is not an event: {exc.__class__.__name__}") from exc
-        return cls(request=request, previous_status=previous, detected_ms=detected_ms)
 
     def log_fields(self) -> tuple[str, dict[str, Any]]:
         """How a log line names this event, and its extra fields."""

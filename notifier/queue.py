@@ -2,7 +2,7 @@
 each route's retry set, and the dead letters.
 
 A delivery waits in exactly one place: pending on a consumer of its route's group, or
-in the route's retry set. It leaves that place only in one atomic step (`settle.lua`)
+in the route's retry set. It leaves that place only in one atomic step (`resolve.lua`)
 that also puts it where it goes next, so a crash at any instant leaves it somewhere a
 live worker will find it.
 """
@@ -10,7 +10,6 @@ live worker will find it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from notifier.keys import Keys
 from notifier.logs import plural
+from notifier.outbox import Fields, read_retry_payload, retry_payload
 from notifier.store import load_script
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 # Dead letters kept at most (approximately); the oldest go first. A route that refuses
 # everything for weeks must not fill Redis.
 MAX_DEAD_LETTERS = 100_000
-# The attempts made so far travel with a retry's event under this field name.
-FIELD_ATTEMPTS = "a"
 # A route some replica served this recently still needs its outbox entries, even if this
 # replica's configuration (an older or newer deployment) lacks it.
 ROUTE_SEEN_WINDOW_S = 600
@@ -41,7 +39,6 @@ EMULATED_BLOCK_STEP_S = 0.05
 
 Source = Literal["outbox", "retry"]
 Action = Literal["done", "retry", "dead"]
-Fields = dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +53,7 @@ class Work:
 
 
 @dataclass(frozen=True, slots=True)
-class Settlement:
+class Resolution:
     """What to do with a delivery once attempted: forget it, retry it, dead-letter it."""
 
     work: Work
@@ -71,7 +68,7 @@ class Backlog:
     """What a route still has to do."""
 
     retries: int  # scheduled, due or not
-    pending: int  # read by some consumer and not settled
+    pending: int  # read by some consumer and not resolved
     unread: int  # in the outbox, not yet read by the route's group
 
     @property
@@ -80,15 +77,9 @@ class Backlog:
         return self.retries + self.pending + self.unread
 
 
-def retry_payload(fields: Mapping[str, str], attempts: int) -> str:
-    """A retry's event and its attempts so far, as the retry set keeps them."""
-    return json.dumps({**fields, FIELD_ATTEMPTS: attempts}, separators=(",", ":"))
-
-
 def _from_payload(route: str, entry_id: str, payload: str) -> Work:
-    data = json.loads(payload)
-    attempts = int(data.pop(FIELD_ATTEMPTS, 0))
-    return Work(route, entry_id, {k: str(v) for k, v in data.items()}, attempts, "retry")
+    fields, attempts = read_retry_payload(payload)
+    return Work(route, entry_id, fields, attempts, "retry")
 
 
 class RouteQueue:
@@ -110,13 +101,13 @@ class RouteQueue:
         self._retries = keys.retries(route)
         self._events = keys.retry_events(route)
         self._claims = keys.retry_claims(route)
-        self._settle = load_script(client, "settle")
+        self._resolve = load_script(client, "resolve")
         self._claim_retries = load_script(client, "claim_retries")
         self._claim_orphans = load_script(client, "claim_orphans")
         self._release_claims = load_script(client, "release_claims")
         self._drop_consumer = load_script(client, "drop_consumer")
         self._ack_read_script = load_script(client, "ack_and_read")
-        self._settle_keys = [
+        self._resolve_keys = [
             keys.outbox,
             self._retries,
             self._events,
@@ -128,7 +119,7 @@ class RouteQueue:
     async def take_retries(
         self, count: int, visibility_s: float, *, until: int | None = None
     ) -> list[Work]:
-        """Claim up to `count` retries due by `until` (unix ms, default now); unsettled,
+        """Claim up to `count` retries due by `until` (unix ms, default now); unresolved,
         they come back by themselves after `visibility_s`."""
         now = self.now()
         reply = await self._claim_retries(
@@ -147,7 +138,7 @@ class RouteQueue:
 
     async def take_new(self, count: int, block_s: float = 0) -> list[Work]:
         """Read up to `count` entries no consumer of the route has read, waiting `block_s`."""
-        _, taken = await self.settle_and_take([], count, block_s)
+        _, taken = await self.resolve_and_take([], count, block_s)
         return taken
 
     async def take_orphans(self, count: int) -> list[Work]:
@@ -216,7 +207,7 @@ class RouteQueue:
                     keys=[self.keys.outbox, heartbeat], args=[self.route, name]
                 )
 
-    async def settle(
+    async def resolve(
         self,
         work: Work,
         action: Action,
@@ -226,29 +217,29 @@ class RouteQueue:
         dead_letter: Mapping[str, str] | None = None,
     ) -> bool:
         """Take `work` off where it waits and forget it, schedule it `due_s` from now with
-        `attempts` made, or dead-letter it; False if another worker settled it first."""
-        [settled] = await self.settle_all(
-            [Settlement(work, action, due_s, attempts, dead_letter or {})]
+        `attempts` made, or dead-letter it; False if another worker resolved it first."""
+        [resolved] = await self.resolve_all(
+            [Resolution(work, action, due_s, attempts, dead_letter or {})]
         )
-        return settled
+        return resolved
 
-    async def settle_all(self, settlements: Sequence[Settlement]) -> list[bool]:
-        """Settle several deliveries in one round trip, each in its own atomic step."""
-        settled, _ = await self.settle_and_take(settlements, 0)
-        return settled
+    async def resolve_all(self, resolutions: Sequence[Resolution]) -> list[bool]:
+        """Resolve several deliveries in one round trip, each in its own atomic step."""
+        resolved, _ = await self.resolve_and_take(resolutions, 0)
+        return resolved
 
-    async def settle_and_take(
-        self, settlements: Sequence[Settlement], count: int, block_s: float = 0
+    async def resolve_and_take(
+        self, resolutions: Sequence[Resolution], count: int, block_s: float = 0
     ) -> tuple[list[bool], list[Work]]:
-        """Settle deliveries, then read up to `count` new entries (waiting up to `block_s`
-        if there is nothing to settle); whether each was settled, and the new entries.
+        """Resolve deliveries, then read up to `count` new entries (waiting up to `block_s`
+        if there is nothing to resolve); whether each was resolved, and the new entries.
 
         Delivered outbox entries are acknowledged in the same round trip as the read.
         """
-        acks = [s.work.entry_id for s in settlements if _is_plain_ack(s)]
-        settled = {
-            id(s): bool(await self._settle(keys=self._settle_keys, args=self._args(s)))
-            for s in settlements
+        acks = [s.work.entry_id for s in resolutions if _is_plain_ack(s)]
+        resolved = {
+            id(s): bool(await self._resolve(keys=self._resolve_keys, args=self._args(s)))
+            for s in resolutions
             if not _is_plain_ack(s)
         }
         if block_s > 0 and not acks:  # a script cannot block: only an idle reader waits
@@ -258,7 +249,7 @@ class RouteQueue:
         else:
             acked, read = [], []
         replies = iter(acked)
-        flags = [settled[id(s)] if id(s) in settled else bool(next(replies)) for s in settlements]
+        flags = [resolved[id(s)] if id(s) in resolved else bool(next(replies)) for s in resolutions]
         return flags, [self._new(entry_id, fields) for entry_id, fields in read]
 
     async def _ack_and_read(
@@ -303,20 +294,20 @@ class RouteQueue:
             # store (fakeredis 2.40) answers one with COUNT at once: poll, never spin.
             await asyncio.sleep(min(EMULATED_BLOCK_STEP_S, left))
 
-    def _args(self, settlement: Settlement) -> list[Any]:
-        work, action = settlement.work, settlement.action
+    def _args(self, resolution: Resolution) -> list[Any]:
+        work, action = resolution.work, resolution.action
         args: list[Any] = [self.route, work.entry_id, work.source, action, 0, "", MAX_DEAD_LETTERS]
         if action == "retry":
-            args[4] = self.now() + round(settlement.due_s * 1000)
-            args[5] = retry_payload(work.fields, settlement.attempts)
+            args[4] = self.now() + round(resolution.due_s * 1000)
+            args[5] = retry_payload(work.fields, resolution.attempts)
         elif action == "dead":
-            for name, value in settlement.dead_letter.items():
+            for name, value in resolution.dead_letter.items():
                 args += [name, value]
         return args
 
     async def hand_back(self, work: Work) -> bool:
         """Give `work` back, due now with its attempts unchanged (it was not attempted)."""
-        return await self.settle(work, "retry", attempts=work.attempts)
+        return await self.resolve(work, "retry", attempts=work.attempts)
 
     async def backlog(self) -> Backlog:
         """How many deliveries of this route are scheduled, pending and unread."""
@@ -358,9 +349,9 @@ class RouteQueue:
         return round(self._clock() * 1000)
 
 
-def _is_plain_ack(settlement: Settlement) -> bool:
-    """A delivered outbox entry: settling it is only acknowledging it."""
-    return settlement.action == "done" and settlement.work.source == "outbox"
+def _is_plain_ack(resolution: Resolution) -> bool:
+    """A delivered outbox entry: resolving it is only acknowledging it."""
+    return resolution.action == "done" and resolution.work.source == "outbox"
 
 
 def _entries(reply: Any) -> list[tuple[str, Fields]]:

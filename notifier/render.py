@@ -31,8 +31,17 @@ from jinja2 import (
 )
 
 from notifier.config import Route, Settings
-from notifier.digest import Digest, Member, OutboxItem
-from notifier.models import Event, LipsyncRequest
+from notifier.digest import Digest, Member
+from notifier.models import (
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    PROCESSING,
+    QUEUED,
+    Event,
+    LipsyncRequest,
+)
+from notifier.outbox import OutboxItem
 from notifier.render_guard import BoundedEnvironment, render_bounded
 from notifier.render_pool import DeadlineExceeded, RenderPool
 
@@ -386,22 +395,20 @@ def sample_event(status: str, *, now: datetime | None = None, unique: bool = Fal
     """
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     request_id = str(uuid.uuid4()) if unique else "00000000-0000-4000-8000-000000000000"
-    finished = status in {"completed", "failed"}
+    finished = status in FINISHED
     request = LipsyncRequest(
         id=request_id,
         status=status,
         reference_id="notifier-sample",
         created_at=now - timedelta(minutes=3),
-        started_at=now - timedelta(minutes=2, seconds=30) if status != "queued" else None,
+        started_at=now - timedelta(minutes=2, seconds=30) if status != QUEUED else None,
         finished_at=now if finished else None,
-        output_url="https://storage.example.com/output/sample.mp4"
-        if status == "completed"
-        else None,
+        output_url="https://storage.example.com/output/sample.mp4" if status == COMPLETED else None,
         error_message="Sample error: the face could not be tracked in the input video"
-        if status == "failed"
+        if status == FAILED
         else None,
     )
-    previous = {"queued": None, "processing": "queued"}.get(status, "processing")
+    previous = {QUEUED: None, PROCESSING: QUEUED}.get(status, PROCESSING)
     return Event(request, previous_status=previous, detected_ms=int(now.timestamp() * 1000))
 
 
@@ -418,7 +425,7 @@ def sample_digest(
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     members = []
     for index in range(size):
-        status = "failed" if index < failed else "completed"
+        status = FAILED if index < failed else COMPLETED
         event = sample_event(status, now=now - timedelta(seconds=size - index), unique=unique)
         request_id = event.request.id if unique else str(uuid.UUID(int=index + 1, version=4))
         request = event.request.model_copy(update={"id": request_id})

@@ -28,11 +28,10 @@ from typing import Any
 
 from aiohttp import web
 
-from notifier.models import format_timestamp
+from notifier.models import COMPLETED, FAILED, PROCESSING, QUEUED, format_timestamp
 
 LIST_PATH = "/api/v1/lipsync/requests"
 DEFAULT_LIMIT = 20  # what the API answers when `limit` is absent (the reference example)
-TERMINAL = ("completed", "failed")
 ERROR_MESSAGES = (
     "no face detected in the input video",
     "audio track is shorter than 1 second",
@@ -87,7 +86,7 @@ class SimulatedRequest:
 
     id: str
     created_at: datetime
-    status: str = "queued"
+    status: str = QUEUED
     reference_id: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -182,30 +181,30 @@ class Simulator:
 
     def start(self, request_id: str) -> SimulatedRequest:
         """Move a queued request to processing."""
-        request = self._expect(request_id, "queued")
-        request.status, request.started_at = "processing", self._after(request.created_at)
+        request = self._expect(request_id, QUEUED)
+        request.status, request.started_at = PROCESSING, self._after(request.created_at)
         return request
 
     def complete(self, request_id: str) -> SimulatedRequest:
         """Finish a processing request with an output video."""
-        request = self._expect(request_id, "processing")
-        request.status, request.finished_at = "completed", self._after(request.started_at)
+        request = self._expect(request_id, PROCESSING)
+        request.status, request.finished_at = COMPLETED, self._after(request.started_at)
         request.output_url = f"https://storage.chamelaion.com/output/{request.id[:8]}.mp4"
         return request
 
     def fail(self, request_id: str, message: str | None = None) -> SimulatedRequest:
         """Fail a queued or processing request with an error message."""
-        request = self._expect(request_id, "queued", "processing")
-        request.status, request.finished_at = "failed", self._after(request.started_at)
+        request = self._expect(request_id, QUEUED, PROCESSING)
+        request.status, request.finished_at = FAILED, self._after(request.started_at)
         request.error_message = message or self.rng.choice(ERROR_MESSAGES)
         return request
 
     def progress(self, fail_ratio: float = 0.1) -> None:
         """One tick of a busy account: some requests start, some finish, a new one may arrive."""
         for request in list(self.requests.values()):
-            if request.status == "queued" and self.rng.random() < 0.5:
+            if request.status == QUEUED and self.rng.random() < 0.5:
                 self.start(request.id)
-            elif request.status == "processing" and self.rng.random() < 0.4:
+            elif request.status == PROCESSING and self.rng.random() < 0.4:
                 if self.rng.random() < fail_ratio:
                     self.fail(request.id)
                 else:
@@ -234,9 +233,9 @@ class Simulator:
         done, then a batch of `unfinished` new ones in progress."""
         self.backfill(finished, span=span)
         for request in self.requests.values():
-            if request.status == "queued":
+            if request.status == QUEUED:
                 self.start(request.id)
-            if request.status == "processing":
+            if request.status == PROCESSING:
                 self.complete(request.id)
         for request in self.create(unfinished, reference_id="batch"):
             self.start(request.id)

@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from notifier.config import ConfigError, Settings, env_name
 from notifier.keys import STATE_BUCKETS, Keys
-from notifier.models import LipsyncRequest, decode_status, encode_status
+from notifier.models import FINISHED, LipsyncRequest, decode_status, encode_status
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 # this long before the newest request the baseline saw: such a request was not created
 # after the baseline, the listing had missed it.
 BASELINE_GRACE_MS = 5 * 60 * 1000
-# Statuses after which a request no longer changes; only these are ever pruned.
-FINISHED_STATUSES = frozenset({"completed", "failed"})
 # apply.lua's answer when events need snapshots the call did not carry.
 NEED_SNAPSHOTS = "SNAPSHOTS"
 # Batches per digest.lua call, and forgotten per cycle once older than the retention.
@@ -390,7 +388,7 @@ class Store:
 
 def _finished_s(request: LipsyncRequest) -> int | str:
     """When a finished request finished, rounded up: its created_at is never later."""
-    if request.status not in FINISHED_STATUSES:
+    if request.status not in FINISHED:
         return ""
     # created_at to the millisecond, which the sweep has already worked out.
     created = request.created_ms / 1000

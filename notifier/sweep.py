@@ -182,7 +182,7 @@ async def read_steady(
     else:
         head = await _head_of_oldest_first(api, listing, state)
     total = head[0].total
-    head = await _settle_ties(listing, state, head, total)
+    head = await _reread_ties(listing, state, head, total)
     check_order(head, state.order)
     await apply(head)
     newest, edge = _newest(head, state)
@@ -259,7 +259,7 @@ def _reaches_older(responses: list[ListResponse], newest: int) -> bool:
     return any(request.created_ms < newest for r in responses for request in r.requests)
 
 
-async def _settle_ties(
+async def _reread_ties(
     listing: Listing, state: SweepState, head: list[ListResponse], total: int
 ) -> list[ListResponse]:
     """Read again the head's pages that share a run of equal created_at while requests

@@ -1,9 +1,9 @@
-"""One route's delivery worker: read deliveries, render, send, and settle the outcomes.
+"""One route's delivery worker: read deliveries, render, send, and resolve the outcomes.
 
 A worker reads a delivery only when it can send it now: fewer than `max_concurrency` of
 the route's sends are in flight and, for Slack, the URL's pacing slot is free. Each
 outcome goes through the one classifier (`sinks.classify`) and `RetryPolicy`, and is
-settled in Redis in one atomic step.
+resolved in Redis in one atomic step.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from redis.exceptions import RedisError
 
 from notifier.backoff import full_jitter, sleep_unless
 from notifier.config import Route
-from notifier.digest import Digest, OutboxItem, read_entry
+from notifier.digest import Digest
 from notifier.dlq import dead_letter_fields
 from notifier.logs import about, plural
 from notifier.metrics import Metrics
 from notifier.models import MalformedEvent, Retry
 from notifier.outages import OutageLog, reason
+from notifier.outbox import OutboxItem, read_entry
 from notifier.pacing import SlackSlot
-from notifier.queue import RouteQueue, Settlement, Work
+from notifier.queue import Resolution, RouteQueue, Work
 from notifier.render import Renderer, RenderError
 from notifier.retry import MAX_RETRY_AFTER_S, Decision, Done, GiveUp, Later, RetryPolicy
 from notifier.sinks import Sink
@@ -44,19 +45,19 @@ RETRY_CHECK_S = 0.25
 # After reading a Slack delivery, a worker waits this long at most for the URL's slot
 # (another replica may have taken it meanwhile); longer, and it schedules the delivery.
 SLACK_HOLD_S = 1.5
-# Backoff of a worker whose Redis calls fail, and of settling one outcome.
+# Backoff of a worker whose Redis calls fail, and of resolving one outcome.
 REDIS_BACKOFF = (0.5, 30.0)
-SETTLE_TRIES = 4
+RESOLVE_TRIES = 4
 # Outcomes waiting to be recorded, per send slot, before a route stops reading more:
 # bounds memory while Redis is slow.
-UNSETTLED_PER_SLOT = 4
-# The settler lets an awake reader take outcomes along with its next read first.
-SETTLE_DELAY_S = 0.001
+UNRESOLVED_PER_SLOT = 4
+# The resolver lets an awake reader take outcomes along with its next read first.
+RESOLVE_DELAY_S = 0.001
 
 
 @dataclass
 class Tally:
-    """Outcomes settled by this process since it started."""
+    """Outcomes resolved by this process since it started."""
 
     delivered: int = 0
     retried: int = 0
@@ -66,7 +67,7 @@ class Tally:
     by_route: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count(self, route: str, outcome: str) -> None:
-        """Count one settled outcome of `route`."""
+        """Count one resolved outcome of `route`."""
         setattr(self, outcome, getattr(self, outcome) + 1)
         per_route = self.by_route.setdefault(route, {})
         per_route[outcome] = per_route.get(outcome, 0) + 1
@@ -79,7 +80,7 @@ def backstop_idle_s(delivery_timeout: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Attempted:
-    """A delivery attempted (or found not to be for its route), waiting to be settled."""
+    """A delivery attempted (or found not to be for its route), waiting to be resolved."""
 
     work: Work
     event: OutboxItem | None  # None: the outbox entry was neither an event nor a digest
@@ -88,25 +89,25 @@ class Attempted:
     skipped: bool = False
     handed_back: bool = False
 
-    def settlement(self) -> Settlement:
+    def resolution(self) -> Resolution:
         """What to record in Redis for this outcome."""
         match self.decision:
             case Done():
-                return Settlement(self.work, "done")
+                return Resolution(self.work, "done")
             case Later(delay_s=delay):
-                return Settlement(self.work, "retry", due_s=delay, attempts=self.attempt)
+                return Resolution(self.work, "retry", due_s=delay, attempts=self.attempt)
             case GiveUp(reason=reason):
                 letter = dead_letter_fields(self.work, self.attempt, reason)
-                return Settlement(self.work, "dead", dead_letter=letter)
+                return Resolution(self.work, "dead", dead_letter=letter)
 
 
 class RouteWorker:
     """Sends one route's deliveries, at most `max_concurrency` at a time.
 
     A reader takes deliveries while fewer than `max_concurrency` are being sent, one task
-    sends each, and a settler records the outcomes that piled up meanwhile in one round
+    sends each, and a resolver records the outcomes that piled up meanwhile in one round
     trip. Recording is off the sending path: a slot frees when its send ends, and under
-    load the settler records several outcomes per round trip.
+    load the resolver records several outcomes per round trip.
     """
 
     def __init__(
@@ -136,8 +137,8 @@ class RouteWorker:
         self._metrics = metrics
         self._redis_outage = redis_outage
         self._sending = 0  # deliveries read and not yet attempted
-        self._unsettled = 0  # attempted, outcome not yet recorded in Redis
-        self._attempted: list[Attempted] = []  # outcomes waiting for the settler
+        self._unresolved = 0  # attempted, outcome not yet recorded in Redis
+        self._attempted: list[Attempted] = []  # outcomes waiting for the resolver
         self._to_settle = asyncio.Event()
         self._freed = asyncio.Event()
         self._next_backstop = 0.0  # the backstop runs once at start, then periodically
@@ -147,7 +148,7 @@ class RouteWorker:
         """Deliver until `stop` is set, then wait for the sends in flight; if `cancel` is
         set meanwhile, cancel them and hand their deliveries back, due now."""
         failures, next_retry_check = 0, 0.0
-        async with running(self._settle_forever, wake=self._to_settle):
+        async with running(self._resolve_forever, wake=self._to_settle):
             while not stop.is_set():
                 await self._room(stop)
                 if stop.is_set():
@@ -182,7 +183,7 @@ class RouteWorker:
     async def drain(self) -> None:
         """Deliver everything due now (retries due, orphans, unread entries), then return."""
         until, check_retries = self.queue.now(), True
-        async with running(self._settle_forever, wake=self._to_settle):
+        async with running(self._resolve_forever, wake=self._to_settle):
             while True:
                 await self._room()
                 # No wait for the Slack slot before reading: a message read while it is
@@ -215,7 +216,7 @@ class RouteWorker:
 
     def _full(self) -> bool:
         most = self.route.max_concurrency
-        return self._sending >= most or self._unsettled >= UNSETTLED_PER_SLOT * most
+        return self._sending >= most or self._unresolved >= UNRESOLVED_PER_SLOT * most
 
     async def _until_room(self) -> None:
         while self._full():
@@ -228,7 +229,7 @@ class RouteWorker:
             await self._freed.wait()
 
     async def _cancel_sends(self) -> None:
-        """Cancel the sends in flight; each hands its delivery back to the settler."""
+        """Cancel the sends in flight; each hands its delivery back to the resolver."""
         sends = list(self._tasks)
         for task in sends:
             task.cancel()
@@ -237,7 +238,7 @@ class RouteWorker:
 
     async def _idle(self) -> None:
         """Wait until every delivery read is sent and its outcome recorded."""
-        while self._sending or self._unsettled:
+        while self._sending or self._unresolved:
             self._freed.clear()
             await self._freed.wait()
 
@@ -266,21 +267,21 @@ class RouteWorker:
             # Outcomes waiting to be recorded go in the same round trip as the read.
             batch, self._attempted = self._attempted, []
             try:
-                settled, new = await queue.settle_and_take(
-                    [item.settlement() for item in batch],
+                resolved, new = await queue.resolve_and_take(
+                    [item.resolution() for item in batch],
                     count - len(taken),
                     0 if taken or batch else block_s,
                 )
             except BaseException:
-                self._attempted[:0] = batch  # the settler records them, or the next read
+                self._attempted[:0] = batch  # the resolver records them, or the next read
                 self._to_settle.set()
                 raise
-            self._settled(batch, settled)
+            self._resolved(batch, resolved)
             taken += new
         return taken
 
     async def _start_all(self, taken: list[Work]) -> None:
-        """Start a send for each delivery this route takes; settle the others at once,
+        """Start a send for each delivery this route takes; resolve the others at once,
         before any Slack slot is taken for them."""
         for work in taken:
             attempt = work.attempts + 1
@@ -303,13 +304,13 @@ class RouteWorker:
         """Take the Slack slot for `work`, or schedule `work` for when it is free."""
         while (wait := await slot.take()) > 0:
             if wait > SLACK_HOLD_S:
-                await self.queue.settle(work, "retry", due_s=wait, attempts=work.attempts)
+                await self.queue.resolve(work, "retry", due_s=wait, attempts=work.attempts)
                 return False
             await asyncio.sleep(wait)
         return True
 
     async def _deliver(self, work: Work, item: OutboxItem) -> None:
-        """Attempt one delivery and hand its outcome to the settler; never raises."""
+        """Attempt one delivery and hand its outcome to the resolver; never raises."""
         attempt = work.attempts + 1
         try:
             outcome = await self._attempt(work, item, attempt)
@@ -326,9 +327,9 @@ class RouteWorker:
         self._record(outcome)
 
     def _record(self, outcome: Attempted) -> None:
-        """Hand an outcome to the settler (or to the reader's next round trip)."""
+        """Hand an outcome to the resolver (or to the reader's next round trip)."""
         self._attempted.append(outcome)
-        self._unsettled += 1
+        self._unresolved += 1
         self._freed.set()
         self._to_settle.set()
 
@@ -351,7 +352,7 @@ class RouteWorker:
             return item.route == self.route.name
         return self.route.accepts(item.status, item.request.reference_id)
 
-    async def _settle_forever(self, stop: asyncio.Event) -> None:
+    async def _resolve_forever(self, stop: asyncio.Event) -> None:
         """Record outcomes the reader has not taken along with its next read (it is
         waiting for a Slack slot, for new entries, or for Redis to catch up)."""
         while True:
@@ -359,28 +360,28 @@ class RouteWorker:
             self._to_settle.clear()
             if stop.is_set():
                 return
-            await asyncio.sleep(SETTLE_DELAY_S)  # the reader, if it is awake, goes first
+            await asyncio.sleep(RESOLVE_DELAY_S)  # the reader, if it is awake, goes first
             batch, self._attempted = self._attempted, []
             if batch:
-                await self._settle(batch)
+                await self._resolve(batch)
 
-    async def _settle(self, batch: list[Attempted]) -> None:
+    async def _resolve(self, batch: list[Attempted]) -> None:
         """Record a batch of outcomes, trying a few times."""
-        for failures in range(SETTLE_TRIES):
+        for failures in range(RESOLVE_TRIES):
             try:
-                settled = await self.queue.settle_all([item.settlement() for item in batch])
+                resolved = await self.queue.resolve_all([item.resolution() for item in batch])
                 break
             except (RedisError, OSError) as exc:
-                if failures == SETTLE_TRIES - 1:
+                if failures == RESOLVE_TRIES - 1:
                     self._unrecorded(batch, exc)
                     return
                 await asyncio.sleep(full_jitter(failures, *REDIS_BACKOFF, self._rng))
-        self._settled(batch, settled)
+        self._resolved(batch, resolved)
 
     def _unrecorded(self, batch: list[Attempted], exc: Exception) -> None:
         """Redis refused the outcomes: the deliveries stay pending here, and the backstop
         sends them again (same webhook-id)."""
-        self._unsettled -= len(batch)
+        self._unresolved -= len(batch)
         self._freed.set()
         log.error(
             "route %s: could not record the outcome of %s (%s); they will be "
@@ -390,16 +391,16 @@ class RouteWorker:
             reason(exc),
         )
 
-    def _settled(self, batch: list[Attempted], settled: list[bool]) -> None:
+    def _resolved(self, batch: list[Attempted], resolved: list[bool]) -> None:
         """Count and log outcomes once recorded."""
         if not batch:
             return
-        self._unsettled -= len(batch)
+        self._unresolved -= len(batch)
         self._freed.set()
-        for item, recorded in zip(batch, settled, strict=True):
+        for item, recorded in zip(batch, resolved, strict=True):
             if not recorded:
                 log.info(
-                    "route %s: entry %s was settled by another worker",
+                    "route %s: entry %s was resolved by another worker",
                     self.route.name,
                     item.work.entry_id,
                 )

@@ -16,9 +16,10 @@ import redis.asyncio
 from notifier import tasks
 from notifier.api import ApiClient
 from notifier.config import Settings, load_settings
-from notifier.digest import Digest, OutboxItem, read_entry
+from notifier.digest import Digest
 from notifier.metrics import Metrics
 from notifier.models import Event
+from notifier.outbox import OutboxItem, read_entry
 from notifier.poller import Poller
 from notifier.simulator import Simulator
 

@@ -29,7 +29,7 @@ from notifier.api import (
     ApiClient,
     ApiError,
     AuthError,
-    ListingNotSettled,
+    ListingKeptChanging,
     RateLimited,
     TransientApiError,
     UnexpectedResponse,
@@ -212,7 +212,7 @@ async def test_equal_created_at_in_an_unstable_order_still_gives_every_id_once(
 async def test_a_run_of_equal_created_at_longer_than_a_page_is_read_again() -> None:
     # 300 requests of one second span 3 of 34 pages, reshuffled in every response: each
     # read finds only some of them. Reading again the pages inside that run finds the
-    # rest; whole passes took 138-243 calls, and 2 listings in 30 never settled.
+    # rest; whole passes took 138-243 calls, and 2 listings in 30 never came whole.
     calls = []
     for seed in range(10):
         simulator = Simulator(api_key=SIMULATOR_KEY, seed=seed)
@@ -241,15 +241,15 @@ async def test_a_stable_order_with_ties_is_not_read_again_for_them() -> None:
     assert simulator.calls <= 34  # 31 pages, then the head again
 
 
-async def test_a_listing_that_never_settles_raises_a_typed_error(
+async def test_a_listing_that_keeps_changing_raises_a_typed_error(
     simulator: Simulator, api_url: str
 ) -> None:
     simulator.backfill(100)
     simulator.hooks.append(lambda _call: simulator.create(3))
     error = await raised(api_url, page_size=10)
-    assert isinstance(error, ListingNotSettled)
+    assert isinstance(error, ListingKeptChanging)
     assert isinstance(error, TransientApiError)  # the poller retries the cycle
-    assert "did not settle" in str(error)
+    assert "kept changing through" in str(error)
     # Bounded: at most one pass over the (growing) listing per round, not a loop.
     assert simulator.calls <= (MAX_REFETCH_ROUNDS + 1) * math.ceil(len(simulator.requests) / 10)
 
@@ -461,12 +461,12 @@ async def test_a_body_of_the_wrong_shape_is_transient_and_named(
     assert field in str(error)
 
 
-async def test_a_total_the_pages_never_deliver_ends_as_unsettled(
+async def test_a_total_the_pages_never_deliver_ends_as_a_listing_that_kept_changing(
     canned: Callable[..., Any],
 ) -> None:
     url = await canned(200, '{"data": [], "pagination": {"total": 3}}')
     error = await raised(url)
-    assert isinstance(error, ListingNotSettled)
+    assert isinstance(error, ListingKeptChanging)
     assert "0 distinct requests seen, but a page reported 3" in str(error)
 
 
@@ -518,7 +518,7 @@ async def test_a_wild_total_costs_a_few_rounds_of_the_real_pages_not_its_size(
     simulator.create(30)
     simulator.always = Fault(FaultKind.HUGE_TOTAL, size=10**12)
     error = await raised(api_url, page_size=10, list_concurrency=4)
-    assert isinstance(error, ListingNotSettled)
+    assert isinstance(error, ListingKeptChanging)
     assert "a page reported 1000000000000" in str(error)
     # Each round reads the 3 real pages and at most concurrency + 2 empty ones past them.
     assert simulator.calls <= (MAX_REFETCH_ROUNDS + 1) * (3 + 4 + 2)

@@ -10,7 +10,7 @@ reference_id) and its own receiver paths, so the runs can overlap. For one N:
 3. `python tests/crashing.py N` runs `notifier once` and dies (`os._exit`) just before
    its Nth Redis command: somewhere in the poll cycle (lease, begin, apply, finish,
    prune, release) or in the delivery pass (heartbeat, orphan search, trim, the due
-   retry, new entries, settling, backlog).
+   retry, new entries, resolving, backlog).
 4. After the dead process's lease and heartbeat expire, `once` runs again in-process
    ("the restart") until it reports nothing left.
 
@@ -19,7 +19,7 @@ carried the same webhook-id (its event id) and the same signed body, no other id
 and nothing is left in Redis: no retry, no pending or unread entry, no dead letter. A
 third route digests the batch (`digest_wait = 0`): the five requests settle in the
 crashing run, and their one digest arrives at least once, every copy with the same id
-and body, whether the crash came before settling, between settling and delivery, or
+and body, whether the crash came before resolving, between resolving and delivery, or
 during the delivery. N grows until the wrapper runs to the end without reaching its Nth
 command.
 """
@@ -387,7 +387,7 @@ async def test_a_crash_before_any_redis_command_loses_no_transition(rig: Rig) ->
     below = [run.n for run in crashed if run.n < first_end]
     assert below == list(range(1, first_end)), "every N below the first run that ended"
 
-    # The crash points cover applying a page, and taking, reading and settling deliveries.
+    # The crash points cover applying a page, and taking, reading and resolving deliveries.
     def crashed_at(phase: str, *names: str) -> bool:
         return any(
             run.facts["phase"] == phase and any(name in run.facts["command"] for name in names)
@@ -398,4 +398,4 @@ async def test_a_crash_before_any_redis_command_loses_no_transition(rig: Rig) ->
     assert crashed_at("cycle", "digest")
     assert crashed_at("delivery", "claim_retries")
     assert crashed_at("delivery", "XREADGROUP", "ack_and_read")
-    assert crashed_at("delivery", "settle", "XACK", "ack_and_read")
+    assert crashed_at("delivery", "resolve", "XACK", "ack_and_read")

@@ -312,16 +312,16 @@ async def test_an_outcome_redis_failed_to_record_is_recorded_later_and_not_sent_
 ) -> None:
     settings = rig.settings()
     expected = await rig.transitions(settings, completed=4)
-    settle_and_take = RouteQueue.settle_and_take
+    resolve_and_take = RouteQueue.resolve_and_take
     failed = []
 
-    async def failing_once(queue: RouteQueue, settlements: Any, *args: Any) -> Any:
-        if settlements and not failed:
-            failed.append(len(settlements))
+    async def failing_once(queue: RouteQueue, resolutions: Any, *args: Any) -> Any:
+        if resolutions and not failed:
+            failed.append(len(resolutions))
             raise RedisConnectionError("connection reset by peer")
-        return await settle_and_take(queue, settlements, *args)
+        return await resolve_and_take(queue, resolutions, *args)
 
-    monkeypatch.setattr(RouteQueue, "settle_and_take", failing_once)
+    monkeypatch.setattr(RouteQueue, "resolve_and_take", failing_once)
     delivery = rig.delivery(settings)
     await run_until(delivery, lambda: delivery.tally.delivered == 4)
 

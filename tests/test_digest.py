@@ -21,8 +21,9 @@ import pytest
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from notifier.digest import Digest, Member, digest_id, read_entry
+from notifier.digest import Digest, Member, digest_id
 from notifier.models import Event, LipsyncRequest, MalformedEvent
+from notifier.outbox import entry_of, read_entry
 from notifier.poller import CycleResult, Poller
 from notifier.simulator import Simulator
 from notifier.store import GroupMissing, LeaseLost
@@ -386,7 +387,7 @@ def test_a_digest_entry_reads_back_as_written() -> None:
         Member(member("b").request, previous_status="unknown status with spaces"),
         Member(member("c", "failed").request, previous_status=None),
     )
-    assert read_entry(digest.to_fields()) == digest
+    assert read_entry(entry_of(digest)) == digest
 
 
 def test_the_digest_id_depends_on_the_batch_and_its_members_not_their_order() -> None:
@@ -412,7 +413,7 @@ def test_an_entry_that_is_not_a_digest_is_malformed(fields: dict[str, str]) -> N
 
 def test_a_per_request_event_entry_reads_back_as_an_event() -> None:
     event = Event(member("a").request, previous_status="processing", detected_ms=5)
-    assert read_entry(event.to_fields()) == event
+    assert read_entry(entry_of(event)) == event
 
 
 def test_the_digest_context_has_counts_times_and_each_request_as_in_its_own_body() -> None:

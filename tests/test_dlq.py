@@ -1,7 +1,7 @@
 """Dead letters: listing them (`notifier dlq list`) and replaying them (`dlq replay`).
 
 Every test runs on fakeredis and on a real redis-server. Dead letters are made the way a
-delivery worker makes them: read from the outbox, then settled as "dead".
+delivery worker makes them: read from the outbox, then resolved as "dead".
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import notifier.dlq
 from notifier.dlq import DeadLetter, DeadLetters, dead_letter_fields
 from notifier.keys import Keys
 from notifier.models import Event, LipsyncRequest, event_id
+from notifier.outbox import entry_of, read_entry
 from notifier.queue import RouteQueue
 
 from conftest import RedisFactory
@@ -55,7 +56,7 @@ async def dead_letter(
     await client.xadd(KEYS.outbox, fields)
     queue = RouteQueue(client, KEYS, route, "worker", clock=clock)
     (work,) = await queue.take_new(1)
-    assert await queue.settle(work, "dead", dead_letter=dead_letter_fields(work, 3, error))
+    assert await queue.resolve(work, "dead", dead_letter=dead_letter_fields(work, 3, error))
     ((dead_letter_id, dead_fields),) = await client.xrevrange(KEYS.dead_letters, count=1)
     return DeadLetter.from_entry(dead_letter_id, dead_fields)
 
@@ -63,7 +64,7 @@ async def dead_letter(
 async def dead_letters(
     client: redis.asyncio.Redis, count: int, route: str = "webhook"
 ) -> list[DeadLetter]:
-    return [await dead_letter(client, event(n).to_fields(), route=route) for n in range(count)]
+    return [await dead_letter(client, entry_of(event(n)), route=route) for n in range(count)]
 
 
 async def retried(client: redis.asyncio.Redis, route: str) -> list[str]:
@@ -86,7 +87,7 @@ async def test_all_lists_every_dead_letter_oldest_first_a_page_at_a_time(
     monkeypatch.setattr(notifier.dlq, "PAGE", 2)
     found = await listed(redis_client)
     assert found == made
-    assert [d.fields for d in found] == [event(n).to_fields() for n in range(count)]
+    assert [d.fields for d in found] == [entry_of(event(n)) for n in range(count)]
 
 
 async def test_all_without_dead_letters_lists_nothing(redis_client: redis.asyncio.Redis) -> None:
@@ -96,7 +97,7 @@ async def test_all_without_dead_letters_lists_nothing(redis_client: redis.asynci
 async def test_a_dead_letter_lists_its_event_attempts_and_error(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    made = await dead_letter(redis_client, event(1).to_fields(), error="HTTP 410 Gone")
+    made = await dead_letter(redis_client, entry_of(event(1)), error="HTTP 410 Gone")
     line = made.as_json()
     assert line == {
         "id": made.id,
@@ -121,7 +122,7 @@ async def test_a_dead_letter_lists_its_event_attempts_and_error(
 async def test_the_time_of_a_dead_letter_is_its_stream_ids_milliseconds(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    fields = {**event(1).to_fields(), "route": "webhook", "entry": "1-0", "attempts": "2"}
+    fields = {**entry_of(event(1)), "route": "webhook", "entry": "1-0", "attempts": "2"}
     await redis_client.xadd(KEYS.dead_letters, {**fields, "error": "x"}, id="1774868470250-0")
     (found,) = await listed(redis_client)
     assert found.as_json()["time"] == "2026-03-30T11:01:10.250000Z"
@@ -148,7 +149,7 @@ async def test_a_malformed_dead_letter_still_lists_without_its_request(
 async def test_get_finds_a_dead_letter_by_id_or_returns_none(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    made = await dead_letter(redis_client, event(1).to_fields())
+    made = await dead_letter(redis_client, entry_of(event(1)))
     dlq = DeadLetters(redis_client, KEYS, clock)
     assert await dlq.get(made.id) == made
     assert await dlq.get("1-0") is None
@@ -163,36 +164,36 @@ async def test_get_finds_a_dead_letter_by_id_or_returns_none(
 async def test_replay_requeues_a_dead_letter_due_now_with_attempts_reset(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    made = await dead_letter(redis_client, event(1).to_fields())
+    made = await dead_letter(redis_client, entry_of(event(1)))
     done = await DeadLetters(redis_client, KEYS, clock).replay([made.id], ROUTES)
     assert (done.replayed, done.missing, done.unrouted) == ([made], [], [])
     assert await listed(redis_client) == []
     retries = await redis_client.zrange(KEYS.retries("webhook"), 0, -1, withscores=True)
     assert retries == [(made.entry_id, round(NOW * 1000))]
     payload = await redis_client.hget(KEYS.retry_events("webhook"), made.entry_id)
-    assert json.loads(payload) == {**event(1).to_fields(), "a": 0}
+    assert json.loads(payload) == {**entry_of(event(1)), "a": 0}
 
 
 async def test_a_replayed_dead_letter_is_sent_again_as_the_same_event(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    made = await dead_letter(redis_client, event(1).to_fields())
+    made = await dead_letter(redis_client, entry_of(event(1)))
     await DeadLetters(redis_client, KEYS, clock).replay([made.id], ROUTES)
     queue = RouteQueue(redis_client, KEYS, "webhook", "worker", clock=clock)
     (work,) = await queue.take_retries(10, visibility_s=30)
     assert (work.entry_id, work.fields, work.attempts, work.source) == (
         made.entry_id,
-        event(1).to_fields(),
+        entry_of(event(1)),
         0,
         "retry",
     )
-    assert Event.from_fields(work.fields).id == event(1).id  # the same webhook-id
+    assert read_entry(work.fields).id == event(1).id  # the same webhook-id
 
 
 async def test_replay_reports_ids_that_are_not_dead_letters_as_missing(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    made = await dead_letter(redis_client, event(1).to_fields())
+    made = await dead_letter(redis_client, entry_of(event(1)))
     done = await DeadLetters(redis_client, KEYS, clock).replay(["1-0", "nope"], ROUTES)
     assert (done.replayed, done.missing, done.unrouted) == ([], ["1-0", "nope"], [])
     assert await listed(redis_client) == [made]
@@ -202,7 +203,7 @@ async def test_replay_reports_ids_that_are_not_dead_letters_as_missing(
 async def test_a_dead_letter_of_a_route_not_configured_stays(
     redis_client: redis.asyncio.Redis,
 ) -> None:
-    made = await dead_letter(redis_client, event(1).to_fields(), route="archive")
+    made = await dead_letter(redis_client, entry_of(event(1)), route="archive")
     done = await DeadLetters(redis_client, KEYS, clock).replay([made.id], ROUTES)
     assert (done.replayed, done.missing, done.unrouted) == ([], [], [made])
     assert await listed(redis_client) == [made]
@@ -213,8 +214,8 @@ async def test_replay_of_all_requeues_every_dead_letter_of_a_configured_route(
     redis_client: redis.asyncio.Redis,
 ) -> None:
     webhook = await dead_letters(redis_client, 3, route="webhook")
-    slack = await dead_letter(redis_client, event(7).to_fields(), route="slack")
-    archive = await dead_letter(redis_client, event(8).to_fields(), route="archive")
+    slack = await dead_letter(redis_client, entry_of(event(7)), route="slack")
+    archive = await dead_letter(redis_client, entry_of(event(8)), route="archive")
     done = await DeadLetters(redis_client, KEYS, clock).replay(None, ROUTES)
     assert (done.replayed, done.missing, done.unrouted) == ([*webhook, slack], [], [archive])
     assert await listed(redis_client) == [archive]
@@ -225,7 +226,7 @@ async def test_replay_of_all_requeues_every_dead_letter_of_a_configured_route(
 async def test_a_dead_letter_replayed_twice_at_once_is_requeued_once(
     redis_factory: RedisFactory,
 ) -> None:
-    made = await dead_letter(redis_factory(), event(1).to_fields())
+    made = await dead_letter(redis_factory(), entry_of(event(1)))
     first = DeadLetters(redis_factory(), KEYS, clock)
     second = DeadLetters(redis_factory(), KEYS, clock)
     done = await asyncio.gather(first.replay([made.id], ROUTES), second.replay([made.id], ROUTES))

@@ -205,8 +205,8 @@ async def test_the_gauges_show_what_waits_in_redis_and_keep_it_while_redis_is_do
         for name in ("webhook", "slack")
     )
     retried, dead = await webhook.take_new(2)
-    assert await webhook.settle(retried, "retry", due_s=60, attempts=1)
-    assert await webhook.settle(dead, "dead", dead_letter=dead_letter_fields(dead, 3, "HTTP 500"))
+    assert await webhook.resolve(retried, "retry", due_s=60, attempts=1)
+    assert await webhook.resolve(dead, "dead", dead_letter=dead_letter_fields(dead, 3, "HTTP 500"))
     assert len(await slack.take_new(1)) == 1
 
     metrics = Metrics()

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime
+from importlib.resources import files
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from notifier.config import Settings
 from notifier.models import (
     EVENT_NAMESPACE,
+    FINISHED,
+    STATUS_CODES,
     Delivered,
     Event,
     LipsyncRequest,
@@ -25,6 +30,7 @@ from notifier.models import (
     event_id,
     format_timestamp,
 )
+from notifier.outbox import entry_of, read_entry
 
 from samples import COMPLETED, DETECTED_MS, QUEUED
 
@@ -140,13 +146,13 @@ def test_known_statuses_are_stored_as_one_letter_and_others_whole(status: str, c
 
 
 def test_an_event_is_stored_as_three_short_fields() -> None:
-    fields = make_event().to_fields()
+    fields = entry_of(make_event())
     assert fields == {
         "r": LipsyncRequest.model_validate(COMPLETED).snapshot(),
         "p": "p",
         "t": str(DETECTED_MS),
     }
-    assert make_event(previous=None).to_fields()["p"] == ""
+    assert entry_of(make_event(previous=None))["p"] == ""
 
 
 optional_text = st.none() | st.text(min_size=1, max_size=40)
@@ -175,7 +181,7 @@ def test_events_survive_the_outbox_round_trip(
     request: LipsyncRequest, previous: str | None, detected_ms: int
 ) -> None:
     event = Event(request, previous, detected_ms)
-    again = Event.from_fields(event.to_fields())
+    again = read_entry(entry_of(event))
     assert again == event
     assert again.id == event.id
 
@@ -192,7 +198,7 @@ def test_events_survive_the_outbox_round_trip(
 )
 def test_garbage_in_the_outbox_is_a_malformed_event(fields: dict[str, str]) -> None:
     with pytest.raises(MalformedEvent, match="outbox entry is not an event"):
-        Event.from_fields(fields)
+        read_entry(fields)
 
 
 def test_the_template_context_is_json_ready_with_nulls_for_absent_fields() -> None:
@@ -231,3 +237,14 @@ def test_send_results_are_values_to_match_on() -> None:
     assert Retry(5.0, "HTTP 429") == Retry(5.0, "HTTP 429")
     with pytest.raises(AttributeError):
         Delivered(200).status = 201  # type: ignore[misc]
+
+
+def test_apply_lua_counts_as_finished_the_codes_of_the_finished_statuses() -> None:
+    text = files("notifier").joinpath("scripts", "apply.lua").read_text()
+    (table,) = re.findall(r"local FINISHED = \{(.*?)\}", text)
+    codes = {name.strip() for name, _ in (pair.split("=") for pair in table.split(","))}
+    assert codes == {STATUS_CODES[status] for status in FINISHED}
+
+
+def test_the_settings_know_the_statuses_of_the_one_vocabulary() -> None:
+    assert Settings.model_fields["notify_on"].default == sorted(FINISHED)

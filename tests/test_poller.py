@@ -22,7 +22,7 @@ from notifier import poller as poller_module
 from notifier.api import (
     ApiClient,
     AuthError,
-    ListingNotSettled,
+    ListingKeptChanging,
     RateLimited,
     TransientApiError,
     UnexpectedResponse,
@@ -496,7 +496,7 @@ async def test_the_poller_retries_through_api_errors_and_a_revoked_key(
         (TransientApiError("503"), 0, 0, 1),
         (TransientApiError("503"), 3, 0, 8),
         (TransientApiError("503"), 30, 0, 60),
-        (ListingNotSettled("busy"), 2, 0, 4),
+        (ListingKeptChanging("busy"), 2, 0, 4),
         (RedisConnectionError("refused"), 1, 0, 2),
         (AuthError(401, "invalid token"), 0, 30, 60),
         (AuthError(401, "invalid token"), 20, 30, 300),

@@ -66,7 +66,7 @@ async def scheduled(queue: RouteQueue, *dues: float, attempts: int = 1) -> list[
     works = await queue.take_new(len(dues))
     assert len(works) == len(dues)
     for work, due in zip(works, dues, strict=True):
-        assert await queue.settle(work, "retry", due_s=due, attempts=attempts)
+        assert await queue.resolve(work, "retry", due_s=due, attempts=attempts)
     return works
 
 
@@ -86,12 +86,12 @@ async def outbox_ids(client: redis.asyncio.Redis) -> list[str]:
     return [entry_id for entry_id, _ in await client.xrange(KEYS.outbox)]
 
 
-async def settle_all(queue: RouteQueue, count: int) -> None:
-    """Read `count` new entries of the queue's route and settle each as delivered."""
+async def resolve_all(queue: RouteQueue, count: int) -> None:
+    """Read `count` new entries of the queue's route and resolve each as delivered."""
     works = await queue.take_new(count)
     assert len(works) == count
     for work in works:
-        assert await queue.settle(work, "done")
+        assert await queue.resolve(work, "done")
 
 
 # Reading new entries.
@@ -197,7 +197,7 @@ async def test_an_outbox_created_while_looking_for_orphans_is_no_error(
     assert queue.orphaned == []
 
 
-# Settling outbox entries.
+# Resolving outbox entries.
 
 
 async def test_settling_done_takes_the_entry_off_the_pending_list(
@@ -206,7 +206,7 @@ async def test_settling_done_takes_the_entry_off_the_pending_list(
     ids = await outbox(redis_client, 2)
     queue = route_queue(redis_client, clock)
     first, _ = await queue.take_new(2)
-    assert await queue.settle(first, "done") is True
+    assert await queue.resolve(first, "done") is True
     assert await pending_ids(redis_client, ROUTE, "A") == [ids[1]]
     assert await redis_client.exists(KEYS.retries(ROUTE), KEYS.dead_letters) == 0
 
@@ -217,11 +217,11 @@ async def test_settling_work_another_worker_settled_returns_false_and_writes_not
     await outbox(redis_client, 1)
     queue = route_queue(redis_client, clock)
     (work,) = await queue.take_new(1)
-    assert await queue.settle(work, "done") is True
-    assert await queue.settle(work, "done") is False
-    assert await queue.settle(work, "retry", due_s=5, attempts=1) is False
+    assert await queue.resolve(work, "done") is True
+    assert await queue.resolve(work, "done") is False
+    assert await queue.resolve(work, "retry", due_s=5, attempts=1) is False
     letter = dead_letter_fields(work, 1, "HTTP 410")
-    assert await queue.settle(work, "dead", dead_letter=letter) is False
+    assert await queue.resolve(work, "dead", dead_letter=letter) is False
     assert await redis_client.exists(KEYS.retries(ROUTE), KEYS.retry_events(ROUTE)) == 0
     assert await redis_client.exists(KEYS.dead_letters) == 0
 
@@ -232,7 +232,7 @@ async def test_a_retry_of_an_outbox_entry_acks_it_and_schedules_it_with_its_atte
     ids = await outbox(redis_client, 3)
     queue = route_queue(redis_client, clock)
     (work,) = await queue.take_new(1)
-    assert await queue.settle(work, "retry", due_s=7.5, attempts=2) is True
+    assert await queue.resolve(work, "retry", due_s=7.5, attempts=2) is True
     assert await pending_ids(redis_client, ROUTE, "A") == []
     assert await redis_client.zrange(KEYS.retries(ROUTE), 0, -1, withscores=True) == [
         (ids[0], clock.ms + 7500)
@@ -249,7 +249,7 @@ async def test_dead_lettering_an_outbox_entry_acks_it_and_keeps_it_as_a_dead_let
     queue = route_queue(redis_client, clock)
     (work,) = await queue.take_new(1)
     letter = dead_letter_fields(work, 1, "HTTP 410 Gone")
-    assert await queue.settle(work, "dead", dead_letter=letter) is True
+    assert await queue.resolve(work, "dead", dead_letter=letter) is True
     assert await pending_ids(redis_client, ROUTE, "A") == []
     assert await redis_client.exists(KEYS.retries(ROUTE)) == 0
     (dead,) = [d async for d in DeadLetters(redis_client, KEYS).all()]
@@ -378,7 +378,7 @@ async def test_a_retry_whose_event_is_gone_is_dropped_when_due(
     assert await redis_client.exists(KEYS.retries(ROUTE)) == 0
 
 
-# Settling retries.
+# Resolving retries.
 
 
 async def test_settling_a_retry_done_forgets_it_everywhere(
@@ -388,11 +388,11 @@ async def test_settling_a_retry_done_forgets_it_everywhere(
     queue = route_queue(redis_client, clock)
     await scheduled(queue, 0)
     (work,) = await queue.take_retries(10, visibility_s=30)
-    assert await queue.settle(work, "done") is True
+    assert await queue.resolve(work, "done") is True
     assert await redis_client.zscore(KEYS.retries(ROUTE), ids[0]) is None
     assert await redis_client.hget(KEYS.retry_events(ROUTE), ids[0]) is None
     assert await redis_client.hget(KEYS.retry_claims(ROUTE), ids[0]) is None
-    assert await queue.settle(work, "done") is False
+    assert await queue.resolve(work, "done") is False
     assert await queue.backlog() == Backlog(retries=0, pending=0, unread=0)
 
 
@@ -404,7 +404,7 @@ async def test_settling_a_retry_again_reschedules_it_with_the_new_attempts(
     await scheduled(queue, 0, attempts=1)
     (work,) = await queue.take_retries(10, visibility_s=30)
     clock.advance(3)
-    assert await queue.settle(work, "retry", due_s=20, attempts=2) is True
+    assert await queue.resolve(work, "retry", due_s=20, attempts=2) is True
     assert await redis_client.zscore(KEYS.retries(ROUTE), ids[0]) == clock.ms + 20_000
     assert await redis_client.hgetall(KEYS.retry_claims(ROUTE)) == {}
     assert json.loads(await redis_client.hget(KEYS.retry_events(ROUTE), ids[0])) == {
@@ -424,7 +424,7 @@ async def test_dead_lettering_a_retry_keeps_a_dead_letter_and_forgets_the_retry(
     await scheduled(queue, 0, attempts=5)
     (work,) = await queue.take_retries(10, visibility_s=30)
     letter = dead_letter_fields(work, 6, "HTTP 503 after 6 attempts")
-    assert await queue.settle(work, "dead", dead_letter=letter) is True
+    assert await queue.resolve(work, "dead", dead_letter=letter) is True
     assert await redis_client.exists(KEYS.retries(ROUTE), KEYS.retry_events(ROUTE)) == 0
     assert await redis_client.exists(KEYS.retry_claims(ROUTE)) == 0
     ((dead_id, fields),) = await redis_client.xrange(KEYS.dead_letters)
@@ -452,9 +452,9 @@ async def test_a_retry_settled_by_another_worker_returns_false_and_writes_nothin
     queue = route_queue(redis_client, clock)
     await scheduled(queue, 0)
     (work,) = await queue.take_retries(10, visibility_s=30)
-    assert await queue.settle(work, "done") is True
-    assert await queue.settle(work, "retry", due_s=5, attempts=2) is False
-    assert await queue.settle(work, "dead", dead_letter=dead_letter_fields(work, 2, "x")) is False
+    assert await queue.resolve(work, "done") is True
+    assert await queue.resolve(work, "retry", due_s=5, attempts=2) is False
+    assert await queue.resolve(work, "dead", dead_letter=dead_letter_fields(work, 2, "x")) is False
     assert await redis_client.exists(KEYS.retries(ROUTE), KEYS.retry_events(ROUTE)) == 0
     assert await redis_client.exists(KEYS.dead_letters) == 0
 
@@ -525,7 +525,7 @@ async def test_a_consumer_without_heartbeat_holding_nothing_is_removed_from_the_
     redis_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     await outbox(redis_client, 2)
-    await settle_all(route_queue(redis_client, clock, consumer="A"), 2)
+    await resolve_all(route_queue(redis_client, clock, consumer="A"), 2)
     live = route_queue(redis_client, clock, consumer="B")
     assert await consumers(redis_client) == {"A": 0}
     await live.find_orphans()
@@ -551,7 +551,7 @@ async def test_a_consumer_with_a_heartbeat_is_never_removed(
     redis_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     await outbox(redis_client, 1)
-    await settle_all(route_queue(redis_client, clock, consumer="A"), 1)
+    await resolve_all(route_queue(redis_client, clock, consumer="A"), 1)
     await redis_client.set(KEYS.heartbeat("A"), "1")
     await route_queue(redis_client, clock, consumer="B").find_orphans()
     assert await consumers(redis_client) == {"A": 0}
@@ -644,8 +644,8 @@ async def test_trim_deletes_entries_every_route_has_settled(
     redis_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     ids = await outbox(redis_client, 5, routes=("webhook", "slack"))
-    await settle_all(route_queue(redis_client, clock, route="webhook"), 5)
-    await settle_all(route_queue(redis_client, clock, route="slack"), 3)
+    await resolve_all(route_queue(redis_client, clock, route="webhook"), 5)
+    await resolve_all(route_queue(redis_client, clock, route="slack"), 3)
     assert await Outbox(redis_client, KEYS, clock).trim(["webhook", "slack"]) == 2
     # The last entry slack read stays as the trim's mark; the unread ones stay too.
     assert await outbox_ids(redis_client) == ids[2:]
@@ -658,8 +658,8 @@ async def test_trim_keeps_the_oldest_pending_entry_of_any_route(
     webhook = route_queue(redis_client, clock, route="webhook")
     for work in await webhook.take_new(5):
         if work.entry_id != ids[1]:
-            await webhook.settle(work, "done")
-    await settle_all(route_queue(redis_client, clock, route="slack"), 5)
+            await webhook.resolve(work, "done")
+    await resolve_all(route_queue(redis_client, clock, route="slack"), 5)
     assert await Outbox(redis_client, KEYS, clock).trim(["webhook", "slack"]) == 1
     assert await outbox_ids(redis_client) == ids[1:]
 
@@ -668,7 +668,7 @@ async def test_trim_keeps_everything_a_route_has_not_read(
     redis_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     ids = await outbox(redis_client, 3, routes=("webhook", "slack"))
-    await settle_all(route_queue(redis_client, clock, route="webhook"), 3)
+    await resolve_all(route_queue(redis_client, clock, route="webhook"), 3)
     assert await Outbox(redis_client, KEYS, clock).trim(["webhook", "slack"]) == 0
     assert await outbox_ids(redis_client) == ids
 
@@ -698,7 +698,7 @@ async def test_a_route_another_replica_served_recently_still_holds_the_trim(
     redis_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     ids = await outbox(redis_client, 4, routes=("webhook", "archive"))
-    await settle_all(route_queue(redis_client, clock, route="webhook"), 4)
+    await resolve_all(route_queue(redis_client, clock, route="webhook"), 4)
     other_replica = Outbox(redis_client, KEYS, clock)
     await other_replica.mark_served(["webhook", "archive"])
     clock.advance(ROUTE_SEEN_WINDOW_S - 1)
@@ -721,7 +721,7 @@ async def test_a_route_unserved_for_the_grace_period_loses_its_group_and_retries
     archive = route_queue(redis_client, clock, route="archive")
     await scheduled(archive, 0, 60)
     await archive.take_retries(1, visibility_s=30)  # one of them is claimed
-    await settle_all(route_queue(redis_client, clock, route="webhook"), 3)
+    await resolve_all(route_queue(redis_client, clock, route="webhook"), 3)
     outbox_ = Outbox(redis_client, KEYS, clock)
     await outbox_.mark_served(["webhook", "archive"])
     clock.advance(REMOVED_ROUTE_GRACE_S)
@@ -749,7 +749,7 @@ async def test_a_group_no_replica_ever_served_starts_its_grace_period_at_the_fir
     redis_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     ids = await outbox(redis_client, 2, routes=("webhook", "archive"))
-    await settle_all(route_queue(redis_client, clock, route="webhook"), 2)
+    await resolve_all(route_queue(redis_client, clock, route="webhook"), 2)
     outbox_ = Outbox(redis_client, KEYS, clock)
     assert await outbox_.trim(["webhook"]) == 0
     assert await redis_client.hget(KEYS.routes_seen, "archive") == str(clock.ms)
@@ -769,10 +769,10 @@ async def test_backlog_counts_retries_pending_and_unread_entries(
     queue = route_queue(redis_client, clock)
     assert await queue.backlog() == Backlog(retries=0, pending=0, unread=6)
     first, second, third, _ = await queue.take_new(4)
-    await queue.settle(first, "retry", due_s=60, attempts=1)
-    await queue.settle(second, "retry", due_s=0, attempts=1)
+    await queue.resolve(first, "retry", due_s=60, attempts=1)
+    await queue.resolve(second, "retry", due_s=0, attempts=1)
     await queue.take_retries(10, visibility_s=30)  # a claimed retry is still a retry
-    await queue.settle(third, "done")
+    await queue.resolve(third, "done")
     backlog = await queue.backlog()
     assert backlog == Backlog(retries=2, pending=1, unread=2)
     assert backlog.total == 5

@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from notifier.config import Settings, load_settings
 from notifier.keys import STATE_BUCKETS
 from notifier.models import Event, LipsyncRequest
+from notifier.outbox import read_entry
 from notifier.store import (
     BASELINE_GRACE_MS,
     Epoch,
@@ -59,7 +60,7 @@ async def hold_lease(store: Store, token: str = TOKEN) -> None:
 
 
 async def events(store: Store) -> list[Event]:
-    return [Event.from_fields(fields) for _, fields in await store.redis.xrange(store.keys.outbox)]
+    return [read_entry(fields) for _, fields in await store.redis.xrange(store.keys.outbox)]
 
 
 async def begun_store(

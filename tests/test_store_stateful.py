@@ -47,6 +47,7 @@ from hypothesis.stateful import (
 from notifier.config import load_settings
 from notifier.keys import Keys
 from notifier.models import Event, LipsyncRequest
+from notifier.outbox import read_entry
 from notifier.store import (
     Applied,
     Epoch,
@@ -467,7 +468,7 @@ class StoreMachine(RuleBasedStateMachine):
         if self.store is None:
             return
         entries = self.run(self.client.xrange(self.store.keys.outbox))
-        events = [Event.from_fields(fields) for _, fields in entries]
+        events = [read_entry(fields) for _, fields in entries]
         assert events == self.model.events
         assert len({(event.request.id, event.status) for event in events}) == len(events)
 

@@ -1,7 +1,7 @@
--- Settle one delivery in one atomic step: take it off where it waits (the route's
+-- Resolve one delivery in one atomic step: take it off where it waits (the route's
 -- pending list on the outbox, or the route's retry set), then, by the outcome, forget
 -- it (delivered or not for this route), schedule it again, or dead-letter it. If it is
--- no longer there, another worker settled it already and nothing is written.
+-- no longer there, another worker resolved it already and nothing is written.
 --
 -- KEYS: 1 outbox, 2 retries, 3 retry events, 4 retry claims, 5 dead letters
 -- ARGV: 1 group (route), 2 outbox entry id, 3 source: "outbox" or "retry",
