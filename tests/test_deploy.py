@@ -26,7 +26,8 @@ from samples import API_KEY, NEW_SECRET, SLACK_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
-README = ROOT / "README.md"
+# The user's documentation: the README and the pages under docs/ (Docker is in deployment.md).
+DOCUMENTATION = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
 TOML = DEPLOY / "notifier.toml"
@@ -190,10 +191,15 @@ def test_the_healthcheck_gives_up_on_healthz_before_docker_gives_up_on_it() -> N
     assert seconds(timeout) > HEALTH_PROBE_TIMEOUT_S
 
 
-def test_the_readme_names_the_dockerfiles_base_image() -> None:
+def test_the_documentation_names_the_dockerfiles_base_image() -> None:
     (base,) = {stage[0][1].partition(" ")[0] for stage in stages()}
-    mentioned = re.findall(r"\bpython:3[\d.]*-slim(?:-[a-z]+)?", README.read_text())
-    assert mentioned, f"the README never names the base image {base}"
+    assert (ROOT / "docs" / "deployment.md") in DOCUMENTATION
+    mentioned = [
+        image
+        for page in DOCUMENTATION
+        for image in re.findall(r"\bpython:3[\d.]*-slim(?:-[a-z]+)?", page.read_text())
+    ]
+    assert mentioned, f"neither the README nor docs/ names the base image {base}"
     assert set(mentioned) == {base}
 
 
